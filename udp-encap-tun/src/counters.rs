@@ -1,0 +1,184 @@
+//! Counters a user can read while the daemon runs (`udp-encap-tun status`).
+//!
+//! Every packet the daemon discards is counted under exactly one reason
+//! (SPEC decision 7). The data path increments them with relaxed atomics: they
+//! are statistics, not synchronisation, and a relaxed add on an uncontended
+//! cache line costs about as much as a plain one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a packet was discarded. The names are the ones `status` prints after
+/// `discard_`, so they are part of the user interface: do not rename lightly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum Discard {
+    /// A packet read from the TUN that is not IPv4 TCP (UDP, ICMP, IPv6, ...).
+    NotTcp,
+    /// An IPv4 header longer than 20 bytes (IP options).
+    IpOptions,
+    /// Server: no `connection_store` entry for the destination (TUN -> UDP).
+    NoEntry,
+    /// Server with authentication: a datagram from a (saddr, sport) without an
+    /// entry (UDP -> TUN). Client: a datagram from a server it holds no lease with.
+    Unauthenticated,
+    /// Truncated, inconsistent lengths, fragments, a TCP header that does not
+    /// fit, oversized: anything that cannot be a well-formed segment.
+    Malformed,
+    /// Server: a new peer found the address pool (or the XDP map) full.
+    PoolFull,
+    /// An authentication attempt that failed (bad credential, TLS error,
+    /// deadline, rate limit).
+    AuthFailure,
+    /// Client: a packet waiting for authentication was dropped (queue full or
+    /// authentication failed).
+    AuthQueue,
+    /// The kernel refused a write or send (buffer full, no route, ...).
+    IoError,
+}
+
+impl Discard {
+    pub const ALL: [Discard; 9] = [
+        Discard::NotTcp,
+        Discard::IpOptions,
+        Discard::NoEntry,
+        Discard::Unauthenticated,
+        Discard::Malformed,
+        Discard::PoolFull,
+        Discard::AuthFailure,
+        Discard::AuthQueue,
+        Discard::IoError,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Discard::NotTcp => "not_tcp",
+            Discard::IpOptions => "ip_options",
+            Discard::NoEntry => "no_entry",
+            Discard::Unauthenticated => "unauthenticated",
+            Discard::Malformed => "malformed",
+            Discard::PoolFull => "pool_full",
+            Discard::AuthFailure => "auth_failure",
+            Discard::AuthQueue => "auth_queue",
+            Discard::IoError => "io_error",
+        }
+    }
+}
+
+/// Traffic that went through, by direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Traffic {
+    TunRxPackets,
+    TunRxBytes,
+    UdpTxPackets,
+    UdpTxBytes,
+    UdpRxPackets,
+    UdpRxBytes,
+    TunTxPackets,
+    TunTxBytes,
+    MssClamped,
+    EntriesCreated,
+    EntriesExpired,
+}
+
+impl Traffic {
+    pub const ALL: [Traffic; 11] = [
+        Traffic::TunRxPackets,
+        Traffic::TunRxBytes,
+        Traffic::UdpTxPackets,
+        Traffic::UdpTxBytes,
+        Traffic::UdpRxPackets,
+        Traffic::UdpRxBytes,
+        Traffic::TunTxPackets,
+        Traffic::TunTxBytes,
+        Traffic::MssClamped,
+        Traffic::EntriesCreated,
+        Traffic::EntriesExpired,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Traffic::TunRxPackets => "tun_rx_packets",
+            Traffic::TunRxBytes => "tun_rx_bytes",
+            Traffic::UdpTxPackets => "udp_tx_packets",
+            Traffic::UdpTxBytes => "udp_tx_bytes",
+            Traffic::UdpRxPackets => "udp_rx_packets",
+            Traffic::UdpRxBytes => "udp_rx_bytes",
+            Traffic::TunTxPackets => "tun_tx_packets",
+            Traffic::TunTxBytes => "tun_tx_bytes",
+            Traffic::MssClamped => "mss_clamped",
+            Traffic::EntriesCreated => "entries_created",
+            Traffic::EntriesExpired => "entries_expired",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    discards: [AtomicU64; Discard::ALL.len()],
+    traffic: [AtomicU64; Traffic::ALL.len()],
+}
+
+impl Counters {
+    pub fn discard(&self, reason: Discard) {
+        self.discard_n(reason, 1);
+    }
+
+    pub fn discard_n(&self, reason: Discard, n: u64) {
+        if let Some(c) = self.discards.get(reason as usize) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn add(&self, what: Traffic, n: u64) {
+        if let Some(c) = self.traffic.get(what as usize) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn discards(&self, reason: Discard) -> u64 {
+        self.discards
+            .get(reason as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    pub fn traffic(&self, what: Traffic) -> u64 {
+        self.traffic
+            .get(what as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// `name value` pairs in a fixed order, the way `status` prints them.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = Traffic::ALL
+            .iter()
+            .map(|t| (t.name().to_string(), self.traffic(*t)))
+            .collect();
+        out.extend(
+            Discard::ALL
+                .iter()
+                .map(|d| (format!("discard_{}", d.name()), self.discards(*d))),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_counts_separately() {
+        let c = Counters::default();
+        for (i, d) in Discard::ALL.iter().enumerate() {
+            c.discard_n(*d, i as u64 + 1);
+        }
+        for (i, d) in Discard::ALL.iter().enumerate() {
+            assert_eq!(c.discards(*d), i as u64 + 1, "{}", d.name());
+        }
+        let snap = c.snapshot();
+        assert!(snap.contains(&("discard_not_tcp".to_string(), 1)));
+        assert!(snap.contains(&("discard_io_error".to_string(), 9)));
+        assert_eq!(snap.len(), Discard::ALL.len() + Traffic::ALL.len());
+    }
+}
