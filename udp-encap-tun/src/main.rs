@@ -1,10 +1,7 @@
-//! udp-encap-tun: TCP over UDP through a TUN device. See README.md.
-
-mod cli;
-mod counters;
-mod xdp;
+//! The `udp-encap-tun` binary: parse the command line, run. See README.md.
 
 use clap::Parser;
+use udp_encap_tun::cli;
 
 fn main() {
     let cli = cli::Cli::parse();
