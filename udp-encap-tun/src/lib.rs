@@ -19,4 +19,5 @@
 
 pub mod cli;
 pub mod counters;
+pub mod store;
 pub mod xdp;
