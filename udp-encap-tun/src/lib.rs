@@ -18,6 +18,8 @@
 //!   the TUN device, the eBPF program, the status socket.
 
 pub mod cli;
+pub mod core;
 pub mod counters;
 pub mod store;
+pub mod wire;
 pub mod xdp;

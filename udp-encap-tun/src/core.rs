@@ -1,0 +1,653 @@
+//! The translation core: one packet in, one action out. No I/O, no clock.
+//!
+//! The I/O layer reads a packet from the TUN or a datagram from the socket
+//! into its own buffer and hands it here with `now`; the core checks it,
+//! rewrites it in place and says what to do with it: send these bytes to
+//! this peer, write these bytes to the TUN, or discard it for a reason
+//! (already counted). Receive buffers keep [`HEADROOM`] free bytes in front
+//! of a datagram's payload so the rebuilt IPv4 header goes there without a
+//! copy; a packet from the TUN leaves as the bytes after its IPv4 header.
+//!
+//! The core also owns the `connection_store` (server) or the leases
+//! (client), and keeps the peer gate (the XDP map) in step with them: an
+//! entry exists in the store only if the gate accepted it.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::counters::{Counters, Discard, Traffic};
+use crate::store::{ConnectionStore, Entry, Upsert};
+use crate::wire::{self, IPV4_HEADER_LEN};
+
+/// Free bytes a receive buffer keeps before a datagram's payload.
+pub const HEADROOM: usize = IPV4_HEADER_LEN;
+
+/// TCP/IPv4 headers without options: what the MSS leaves out of the MTU.
+const TCP_IP_HEADERS: u16 = 40;
+
+/// Where the store's entries are mirrored (the XDP map of allowed peers).
+pub trait PeerGate {
+    /// Lets `peer`'s datagrams in; `Err` when the gate is full (the peer is
+    /// then refused, and no live peer is evicted).
+    fn allow(&mut self, peer: SocketAddrV4) -> Result<(), GateFull>;
+    /// Stops letting `peer` in. Failures are the gate's to log.
+    fn revoke(&mut self, peer: SocketAddrV4);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateFull;
+
+/// A gate that lets everything in (`--xdp-mode off`).
+pub struct OpenGate;
+
+impl PeerGate for OpenGate {
+    fn allow(&mut self, _: SocketAddrV4) -> Result<(), GateFull> {
+        Ok(())
+    }
+    fn revoke(&mut self, _: SocketAddrV4) {}
+}
+
+/// Why a new peer was refused an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Every address of the pool is taken by a live peer.
+    PoolFull,
+    /// The XDP map of allowed peers is full.
+    GateFull,
+}
+
+/// What to do with a packet read from the TUN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromTun {
+    /// Send `pkt[payload]` as one datagram to `to`.
+    Send { to: SocketAddrV4, payload: Range<usize> },
+    /// Client with authentication: no valid lease with `server` yet. The
+    /// caller queues the packet and authenticates, then hands it back.
+    NeedAuth { server: Ipv4Addr },
+}
+
+/// A client's standing with one server.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    granted: Instant,
+    until: Instant,
+    /// Last packet to or from the server; a lease is renewed only while
+    /// traffic flows.
+    active: Instant,
+}
+
+#[derive(Debug)]
+pub enum Role {
+    Server {
+        store: ConnectionStore,
+        /// Version 2: only authentication creates and refreshes entries.
+        auth: bool,
+    },
+    Client {
+        endpoint_port: u16,
+        /// Version 2: traffic to and from a server needs a lease with it.
+        auth: bool,
+        leases: HashMap<Ipv4Addr, LeaseSlot>,
+    },
+}
+
+/// Opaque lease state kept per server (client role).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseSlot(Lease);
+
+pub struct Core {
+    tun_addr: Ipv4Addr,
+    max_mss: u16,
+    ip_id: u16,
+    role: Role,
+    counters: Arc<Counters>,
+}
+
+impl Core {
+    /// `path_mtu`: the largest inner IPv4 packet that fits the path, i.e.
+    /// min(TUN MTU, uplink MTU - 8).
+    pub fn new(tun_addr: Ipv4Addr, path_mtu: u16, role: Role, counters: Arc<Counters>) -> Core {
+        Core {
+            tun_addr,
+            max_mss: path_mtu.saturating_sub(TCP_IP_HEADERS).max(536),
+            ip_id: 0,
+            role,
+            counters,
+        }
+    }
+
+    pub fn server(store: ConnectionStore, auth: bool) -> Role {
+        Role::Server { store, auth }
+    }
+
+    pub fn client(endpoint_port: u16, auth: bool) -> Role {
+        Role::Client { endpoint_port, auth, leases: HashMap::new() }
+    }
+
+    pub fn max_mss(&self) -> u16 {
+        self.max_mss
+    }
+
+    pub fn tun_addr(&self) -> Ipv4Addr {
+        self.tun_addr
+    }
+
+    pub fn store(&self) -> Option<&ConnectionStore> {
+        match &self.role {
+            Role::Server { store, .. } => Some(store),
+            Role::Client { .. } => None,
+        }
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    fn discard<T>(&self, reason: Discard) -> Result<T, Discard> {
+        self.counters.discard(reason);
+        Err(reason)
+    }
+
+    /// A packet read from the TUN. On `Send`, `pkt[payload]` has been
+    /// rewritten to the wire form (MSS clamped, checksum without addresses).
+    pub fn from_tun(&mut self, pkt: &mut [u8], now: Instant) -> Result<FromTun, Discard> {
+        let t = match wire::parse_ipv4_tcp(pkt) {
+            Ok(t) => t,
+            Err(reason) => return self.discard(reason),
+        };
+        let to = match &mut self.role {
+            Role::Server { store, .. } => match store.by_addr(t.dst) {
+                Some(peer) => peer,
+                None => return self.discard(Discard::NoEntry),
+            },
+            Role::Client { endpoint_port, auth, leases } => {
+                if *auth {
+                    match leases.get_mut(&t.dst) {
+                        Some(LeaseSlot(l)) if now < l.until => l.active = now,
+                        _ => return Ok(FromTun::NeedAuth { server: t.dst }),
+                    }
+                }
+                SocketAddrV4::new(t.dst, *endpoint_port)
+            }
+        };
+        let Some(seg) = pkt.get_mut(t.segment.clone()) else {
+            return self.discard(Discard::Malformed);
+        };
+        if wire::clamp_mss(seg, self.max_mss) {
+            self.counters.add(Traffic::MssClamped, 1);
+        }
+        if wire::rehome_checksum(seg, t.src, t.dst, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED)
+            .is_none()
+        {
+            return self.discard(Discard::Malformed);
+        }
+        self.counters.add(Traffic::TunRxPackets, 1);
+        self.counters.add(Traffic::TunRxBytes, t.segment.len() as u64);
+        Ok(FromTun::Send { to, payload: t.segment })
+    }
+
+    /// A datagram from `src` whose payload is `buf[HEADROOM..HEADROOM + len]`.
+    /// On success `buf[range]` is the IPv4 packet to write to the TUN.
+    pub fn from_udp(
+        &mut self,
+        src: SocketAddrV4,
+        buf: &mut [u8],
+        len: usize,
+        now: Instant,
+        gate: &mut dyn PeerGate,
+    ) -> Result<Range<usize>, Discard> {
+        let Some(end) = HEADROOM.checked_add(len) else {
+            return self.discard(Discard::Malformed);
+        };
+        match buf.get(HEADROOM..end) {
+            Some(payload) => {
+                if let Err(reason) = wire::parse_segment(payload) {
+                    return self.discard(reason);
+                }
+            }
+            None => return self.discard(Discard::Malformed),
+        }
+        let inner_src = match &mut self.role {
+            Role::Server { store, auth: false } => match upsert(store, src, now, gate, &self.counters) {
+                Ok(addr) => addr,
+                Err(_) => return self.discard(Discard::PoolFull),
+            },
+            Role::Server { store, auth: true } => match store.by_peer(src) {
+                Some(addr) => addr,
+                None => return self.discard(Discard::Unauthenticated),
+            },
+            Role::Client { endpoint_port, auth, leases } => {
+                if *auth {
+                    match leases.get_mut(src.ip()) {
+                        Some(LeaseSlot(l)) if src.port() == *endpoint_port && now < l.until => {
+                            l.active = now
+                        }
+                        _ => return self.discard(Discard::Unauthenticated),
+                    }
+                }
+                *src.ip()
+            }
+        };
+        let Some((hdr, rest)) = buf.get_mut(..end).map(|b| b.split_at_mut(HEADROOM)) else {
+            return self.discard(Discard::Malformed);
+        };
+        if wire::clamp_mss(rest, self.max_mss) {
+            self.counters.add(Traffic::MssClamped, 1);
+        }
+        self.ip_id = self.ip_id.wrapping_add(1);
+        let tun_addr = self.tun_addr;
+        if wire::rehome_checksum(rest, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, inner_src, tun_addr)
+            .and_then(|()| wire::write_ipv4_header(hdr, inner_src, tun_addr, len, self.ip_id))
+            .is_none()
+        {
+            return self.discard(Discard::Malformed);
+        }
+        self.counters.add(Traffic::UdpRxPackets, 1);
+        self.counters.add(Traffic::UdpRxBytes, len as u64);
+        Ok(0..end)
+    }
+
+    /// Server: a peer authenticated (or, in version 1, sent a datagram):
+    /// create or refresh its entry, mirrored into the gate.
+    pub fn admit(
+        &mut self,
+        peer: SocketAddrV4,
+        now: Instant,
+        gate: &mut dyn PeerGate,
+    ) -> Result<Ipv4Addr, Refusal> {
+        match &mut self.role {
+            Role::Server { store, .. } => upsert(store, peer, now, gate, &self.counters),
+            Role::Client { .. } => Err(Refusal::PoolFull),
+        }
+    }
+
+    /// Server: removes entries whose time ran out, and their gate entries.
+    /// Client: forgets leases that ran out. Returns the removed entries.
+    pub fn expire(&mut self, now: Instant, gate: &mut dyn PeerGate, expired: &mut Vec<Entry>) {
+        match &mut self.role {
+            Role::Server { store, .. } => {
+                let before = expired.len();
+                store.expire(now, expired);
+                for e in expired.iter().skip(before) {
+                    gate.revoke(e.peer);
+                }
+                self.counters.add(Traffic::EntriesExpired, (expired.len() - before) as u64);
+            }
+            Role::Client { endpoint_port, leases, .. } => {
+                let port = *endpoint_port;
+                leases.retain(|server, LeaseSlot(l)| {
+                    let live = now < l.until;
+                    if !live {
+                        gate.revoke(SocketAddrV4::new(*server, port));
+                    }
+                    live
+                });
+            }
+        }
+    }
+
+    /// When [`Core::expire`] next has something to do.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        match &self.role {
+            Role::Server { store, .. } => store.next_expiry(),
+            Role::Client { leases, .. } => leases.values().map(|LeaseSlot(l)| l.until).min(),
+        }
+    }
+
+    /// Client: the server granted a lease of `duration`.
+    pub fn grant_lease(
+        &mut self,
+        server: Ipv4Addr,
+        duration: Duration,
+        now: Instant,
+        gate: &mut dyn PeerGate,
+    ) -> Result<(), Refusal> {
+        if let Role::Client { endpoint_port, leases, .. } = &mut self.role {
+            let peer = SocketAddrV4::new(server, *endpoint_port);
+            if !leases.contains_key(&server) && gate.allow(peer).is_err() {
+                return Err(Refusal::GateFull);
+            }
+            let active = leases.get(&server).map_or(now, |LeaseSlot(l)| l.active);
+            leases.insert(server, LeaseSlot(Lease { granted: now, until: now + duration, active }));
+        }
+        Ok(())
+    }
+
+    /// Client: servers whose lease is past two thirds of its life and that
+    /// exchanged traffic within the last third of it; idle leases lapse.
+    pub fn leases_to_renew(&self, now: Instant) -> Vec<Ipv4Addr> {
+        match &self.role {
+            Role::Client { leases, .. } => leases
+                .iter()
+                .filter(|(_, LeaseSlot(l))| {
+                    let life = l.until.saturating_duration_since(l.granted);
+                    now >= l.granted + life * 2 / 3
+                        && now.saturating_duration_since(l.active) < life / 3
+                        && now < l.until
+                })
+                .map(|(s, _)| *s)
+                .collect(),
+            Role::Server { .. } => Vec::new(),
+        }
+    }
+
+    /// Client: servers with a live lease and when it ends.
+    pub fn leases(&self) -> Vec<(Ipv4Addr, Instant)> {
+        match &self.role {
+            Role::Client { leases, .. } => leases.iter().map(|(s, LeaseSlot(l))| (*s, l.until)).collect(),
+            Role::Server { .. } => Vec::new(),
+        }
+    }
+}
+
+fn upsert(
+    store: &mut ConnectionStore,
+    peer: SocketAddrV4,
+    now: Instant,
+    gate: &mut dyn PeerGate,
+    counters: &Counters,
+) -> Result<Ipv4Addr, Refusal> {
+    match store.upsert(peer, now) {
+        Ok(Upsert::Refreshed(addr)) => Ok(addr),
+        Ok(Upsert::Created(addr)) => {
+            if gate.allow(peer).is_err() {
+                store.remove(peer);
+                log::warn!("refused peer {peer}: the XDP map of allowed peers is full (raise --xdp-map-size)");
+                return Err(Refusal::GateFull);
+            }
+            counters.add(Traffic::EntriesCreated, 1);
+            log::info!("new peer {peer} -> {addr}");
+            Ok(addr)
+        }
+        Err(_) => {
+            log::warn!(
+                "refused peer {peer}: every address of the pool is taken ({} live entries); widen --pool",
+                store.len()
+            );
+            Err(Refusal::PoolFull)
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::store::Pool;
+    use std::collections::HashSet;
+
+    const SERVER_TUN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const CLIENT_TUN: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+    const SERVER_REAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+    const PEER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 12345);
+
+    #[derive(Default)]
+    struct FakeGate {
+        allowed: HashSet<SocketAddrV4>,
+        capacity: usize,
+    }
+
+    impl PeerGate for FakeGate {
+        fn allow(&mut self, peer: SocketAddrV4) -> Result<(), GateFull> {
+            if self.allowed.len() >= self.capacity && !self.allowed.contains(&peer) {
+                return Err(GateFull);
+            }
+            self.allowed.insert(peer);
+            Ok(())
+        }
+        fn revoke(&mut self, peer: SocketAddrV4) {
+            self.allowed.remove(&peer);
+        }
+    }
+
+    fn gate(capacity: usize) -> FakeGate {
+        FakeGate { capacity, ..Default::default() }
+    }
+
+    fn server(auth: bool, timeout: Duration) -> Core {
+        let pool = Pool::new(Ipv4Addr::new(198, 18, 0, 0), 24, &[SERVER_TUN]).unwrap();
+        let store = ConnectionStore::new(pool, timeout, 7);
+        Core::new(SERVER_TUN, 1400, Core::server(store, auth), Arc::default())
+    }
+
+    fn client(auth: bool) -> Core {
+        Core::new(CLIENT_TUN, 1400, Core::client(12345, auth), Arc::default())
+    }
+
+    /// A TCP SYN with MSS 1460 and 5 bytes of data, from `src` to `dst`, as
+    /// the kernel writes it into the TUN.
+    fn tcp_packet(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 49, 0, 1, 0x40, 0, 64, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // IPv4
+            0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, // ports, seq, ack
+            0x60, 0x02, 0xff, 0xff, 0, 0, 0, 0, // doff 6, SYN
+            0x02, 0x04, 0x05, 0xb4, // MSS 1460
+            b'h', b'e', b'l', b'l', b'o',
+        ];
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&dst.octets());
+        let c = wire::checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        let c = wire::tcp_checksum(src, dst, &p[20..]);
+        p[36..38].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    fn tcp_valid(src: Ipv4Addr, dst: Ipv4Addr, seg: &[u8]) -> bool {
+        let mut s = seg.to_vec();
+        let c = u16::from_be_bytes([s[16], s[17]]);
+        s[16] = 0;
+        s[17] = 0;
+        let want = wire::tcp_checksum(src, dst, &s);
+        c == want || (c == 0xffff && want == 0) || (c == 0 && want == 0xffff)
+    }
+
+    /// The receive buffer the I/O layer would fill: headroom, then the datagram.
+    fn datagram(payload: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; HEADROOM];
+        b.extend_from_slice(payload);
+        b
+    }
+
+    #[test]
+    fn client_to_server_and_back_end_to_end() {
+        let now = Instant::now();
+        let (mut c, mut s) = (client(false), server(false, Duration::from_secs(300)));
+        let mut g = gate(10);
+
+        // client: the app's SYN to the server's real address leaves as a datagram
+        let mut pkt = tcp_packet(CLIENT_TUN, SERVER_REAL);
+        let FromTun::Send { to, payload } = c.from_tun(&mut pkt, now).unwrap() else { panic!() };
+        assert_eq!(to, SocketAddrV4::new(SERVER_REAL, 12345));
+        assert_eq!(payload, 20..49);
+        assert_eq!(&pkt[payload.clone()][20..24], &[2, 4, 0x05, 0x50], "MSS clamped to 1400 - 40 = 1360");
+        assert!(tcp_valid(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &pkt[payload.clone()]));
+
+        // server: the datagram becomes a segment from the peer's generated address
+        let mut buf = datagram(&pkt[payload.clone()]);
+        let r = s.from_udp(PEER, &mut buf, payload.len(), now, &mut g).unwrap();
+        let out = &buf[r];
+        let t = wire::parse_ipv4_tcp(out).unwrap();
+        let generated = s.store().unwrap().by_peer(PEER).unwrap();
+        assert_eq!((t.src, t.dst), (generated, SERVER_TUN));
+        assert_eq!(wire::fold(wire::sum_words(&out[..20], 0)), 0xffff, "IPv4 header checksum");
+        assert!(tcp_valid(generated, SERVER_TUN, &out[20..]));
+        assert_eq!(&out[44..], b"hello");
+        assert!(g.allowed.contains(&PEER), "entry mirrored into the gate");
+
+        // server: the reply to the generated address goes back to the peer
+        let mut reply = tcp_packet(SERVER_TUN, generated);
+        let FromTun::Send { to, payload } = s.from_tun(&mut reply, now).unwrap() else { panic!() };
+        assert_eq!(to, PEER);
+
+        // client: the reply appears to come from the server's real address
+        let mut buf = datagram(&reply[payload.clone()]);
+        let r = c.from_udp(SocketAddrV4::new(SERVER_REAL, 12345), &mut buf, payload.len(), now, &mut g).unwrap();
+        let t = wire::parse_ipv4_tcp(&buf[r.clone()]).unwrap();
+        assert_eq!((t.src, t.dst), (SERVER_REAL, CLIENT_TUN));
+        assert!(tcp_valid(SERVER_REAL, CLIENT_TUN, &buf[r][20..]));
+    }
+
+    #[test]
+    fn server_discards_are_counted_by_reason() {
+        let now = Instant::now();
+        let mut s = server(false, Duration::from_secs(300));
+        let mut udp = tcp_packet(SERVER_TUN, Ipv4Addr::new(198, 18, 0, 9));
+        udp[9] = 17;
+        assert_eq!(s.from_tun(&mut udp, now), Err(Discard::NotTcp));
+        let mut opts = tcp_packet(SERVER_TUN, Ipv4Addr::new(198, 18, 0, 9));
+        opts[0] = 0x46;
+        assert_eq!(s.from_tun(&mut opts, now), Err(Discard::IpOptions));
+        let mut nobody = tcp_packet(SERVER_TUN, Ipv4Addr::new(198, 18, 0, 9));
+        assert_eq!(s.from_tun(&mut nobody, now), Err(Discard::NoEntry));
+        let mut short = datagram(&[0u8; 19]);
+        assert_eq!(s.from_udp(PEER, &mut short, 19, now, &mut gate(1)), Err(Discard::Malformed));
+        assert_eq!(s.from_udp(PEER, &mut short, 400, now, &mut gate(1)), Err(Discard::Malformed));
+        let c = s.counters();
+        for (reason, n) in [
+            (Discard::NotTcp, 1),
+            (Discard::IpOptions, 1),
+            (Discard::NoEntry, 1),
+            (Discard::Malformed, 2),
+            (Discard::PoolFull, 0),
+        ] {
+            assert_eq!(c.discards(reason), n, "{}", reason.name());
+        }
+        assert!(s.store().unwrap().is_empty(), "malformed datagrams create no entry");
+    }
+
+    #[test]
+    fn authenticated_server_needs_an_entry_first() {
+        let now = Instant::now();
+        let mut s = server(true, Duration::from_secs(300));
+        let mut g = gate(10);
+        let seg = tcp_packet(CLIENT_TUN, SERVER_REAL)[20..].to_vec();
+        let mut buf = datagram(&seg);
+        assert_eq!(s.from_udp(PEER, &mut buf, seg.len(), now, &mut g), Err(Discard::Unauthenticated));
+        assert!(s.store().unwrap().is_empty(), "datagrams no longer create entries");
+        let addr = s.admit(PEER, now, &mut g).unwrap();
+        let mut buf = datagram(&seg);
+        let r = s.from_udp(PEER, &mut buf, seg.len(), now, &mut g).unwrap();
+        assert_eq!(wire::parse_ipv4_tcp(&buf[r]).unwrap().src, addr);
+    }
+
+    #[test]
+    fn full_gate_refuses_the_new_peer_and_keeps_the_live_one() {
+        let now = Instant::now();
+        let mut s = server(false, Duration::from_secs(300));
+        let mut g = gate(1);
+        let seg = tcp_packet(CLIENT_TUN, SERVER_REAL)[20..].to_vec();
+        let other = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 3), 1);
+        s.from_udp(PEER, &mut datagram(&seg), seg.len(), now, &mut g).unwrap();
+        assert_eq!(s.from_udp(other, &mut datagram(&seg), seg.len(), now, &mut g), Err(Discard::PoolFull));
+        assert_eq!(s.store().unwrap().len(), 1);
+        assert!(s.store().unwrap().by_peer(other).is_none(), "store and gate agree");
+        assert!(g.allowed.contains(&PEER));
+        assert_eq!(s.admit(other, now, &mut g), Err(Refusal::GateFull));
+    }
+
+    #[test]
+    fn expiry_removes_from_store_and_gate() {
+        let t0 = Instant::now();
+        let mut s = server(false, Duration::from_secs(2));
+        let mut g = gate(10);
+        let seg = tcp_packet(CLIENT_TUN, SERVER_REAL)[20..].to_vec();
+        s.from_udp(PEER, &mut datagram(&seg), seg.len(), t0, &mut g).unwrap();
+        // a datagram at 1.5 s refreshes the entry (version 1)
+        let t1 = t0 + Duration::from_millis(1500);
+        s.from_udp(PEER, &mut datagram(&seg), seg.len(), t1, &mut g).unwrap();
+        let mut gone = Vec::new();
+        s.expire(t0 + Duration::from_millis(2500), &mut g, &mut gone);
+        assert!(gone.is_empty(), "refreshed at 1.5 s, alive at 2.5 s");
+        s.expire(t1 + Duration::from_secs(2), &mut g, &mut gone);
+        assert_eq!(gone.len(), 1);
+        assert!(s.store().unwrap().is_empty());
+        assert!(g.allowed.is_empty(), "gate entry removed with the store entry");
+        assert_eq!(s.counters().traffic(Traffic::EntriesExpired), 1);
+        // the server's traffic to the old address is now discarded
+        let mut reply = tcp_packet(SERVER_TUN, gone[0].addr);
+        assert_eq!(s.from_tun(&mut reply, t1 + Duration::from_secs(3)), Err(Discard::NoEntry));
+    }
+
+    #[test]
+    fn client_leases_gate_traffic_both_ways() {
+        let t0 = Instant::now();
+        let mut c = client(true);
+        let mut g = gate(10);
+        let mut pkt = tcp_packet(CLIENT_TUN, SERVER_REAL);
+        assert_eq!(c.from_tun(&mut pkt, t0), Ok(FromTun::NeedAuth { server: SERVER_REAL }));
+        let seg = tcp_packet(SERVER_REAL, CLIENT_TUN)[20..].to_vec();
+        let from_server = SocketAddrV4::new(SERVER_REAL, 12345);
+        assert_eq!(c.from_udp(from_server, &mut datagram(&seg), seg.len(), t0, &mut g), Err(Discard::Unauthenticated));
+
+        c.grant_lease(SERVER_REAL, Duration::from_secs(30), t0, &mut g).unwrap();
+        assert!(g.allowed.contains(&from_server));
+        assert!(matches!(c.from_tun(&mut pkt, t0), Ok(FromTun::Send { .. })));
+        let wrong_port = SocketAddrV4::new(SERVER_REAL, 999);
+        assert_eq!(c.from_udp(wrong_port, &mut datagram(&seg), seg.len(), t0, &mut g), Err(Discard::Unauthenticated));
+        assert!(c.from_udp(from_server, &mut datagram(&seg), seg.len(), t0, &mut g).is_ok());
+
+        // active lease: renewed after two thirds of its life
+        let t20 = t0 + Duration::from_secs(20);
+        assert!(matches!(c.from_tun(&mut tcp_packet(CLIENT_TUN, SERVER_REAL), t20), Ok(FromTun::Send { .. })));
+        assert!(c.leases_to_renew(t0 + Duration::from_secs(19)).is_empty());
+        assert_eq!(c.leases_to_renew(t0 + Duration::from_secs(21)), vec![SERVER_REAL]);
+        // lapsed lease: traffic needs authentication again, and the gate forgets the server
+        let late = t0 + Duration::from_secs(31);
+        let mut gone = Vec::new();
+        c.expire(late, &mut g, &mut gone);
+        assert!(g.allowed.is_empty());
+        assert_eq!(c.from_tun(&mut tcp_packet(CLIENT_TUN, SERVER_REAL), late), Ok(FromTun::NeedAuth { server: SERVER_REAL }));
+    }
+
+    #[test]
+    fn idle_lease_is_not_renewed() {
+        let t0 = Instant::now();
+        let mut c = client(true);
+        let mut g = gate(10);
+        c.grant_lease(SERVER_REAL, Duration::from_secs(30), t0, &mut g).unwrap();
+        assert!(c.leases_to_renew(t0 + Duration::from_secs(25)).is_empty());
+    }
+
+    #[test]
+    fn version1_client_accepts_any_source() {
+        let now = Instant::now();
+        let mut c = client(false);
+        let seg = tcp_packet(SERVER_REAL, CLIENT_TUN)[20..].to_vec();
+        let src = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 4000);
+        let r = c.from_udp(src, &mut datagram(&seg), seg.len(), now, &mut OpenGate);
+        assert!(r.is_ok());
+    }
+
+    #[test]
+    fn no_input_panics() {
+        // Every length and a sweep of byte patterns through both directions.
+        let now = Instant::now();
+        let mut s = server(false, Duration::from_secs(300));
+        let mut c = client(true);
+        let mut g = gate(1000);
+        let mut x: u32 = 1;
+        for len in 0..80usize {
+            for _ in 0..50 {
+                let mut bytes: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                        (x >> 16) as u8
+                    })
+                    .collect();
+                if len > 0 && x % 2 == 0 {
+                    bytes[0] = 0x45;
+                }
+                let _ = s.from_tun(&mut bytes.clone(), now);
+                let _ = c.from_tun(&mut bytes.clone(), now);
+                let mut b = datagram(&bytes);
+                let _ = s.from_udp(PEER, &mut b, len, now, &mut g);
+                let _ = s.from_udp(PEER, &mut b, len + 5, now, &mut g);
+                let _ = s.from_udp(PEER, &mut b, usize::MAX, now, &mut g);
+            }
+        }
+    }
+}
