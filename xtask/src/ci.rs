@@ -1,0 +1,251 @@
+//! `cargo xtask test` and `cargo xtask ci`.
+//!
+//! `test` runs, in order, and always reports each step on the last line:
+//! 1. `ebpf`: the XDP object (`ebpf::build_ebpf`); the daemon's build script
+//!    embeds it, so nothing else can build without it;
+//! 2. `build`: `cargo test --workspace --no-run`, one debug profile for
+//!    everything: the integration tests start the daemon through
+//!    `CARGO_BIN_EXE_udp-encap-tun`, and a second (release) profile would
+//!    double the compile time on 2 cores;
+//! 3. `tests`: `cargo test --workspace --no-fail-fast` (unit tests and the
+//!    namespace integration tests, which need root);
+//! 4. `clippy`: `cargo clippy --workspace --all-targets -- -D warnings`. It
+//!    is cheap (a metadata-only check build, measured at well under a minute
+//!    warm) and deterministic with the pinned toolchain; it runs after the
+//!    tests so a lint never hides a test result.
+//!
+//! `ci` is `deps` then `test`: the README's one command for a fresh machine,
+//! and what `.ci/run` calls.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::deps::{self, fmt_duration, show};
+use crate::ebpf;
+
+#[derive(Default, clap::Args)]
+pub struct TestArgs {
+    /// Skip the clippy step.
+    #[arg(long)]
+    pub no_clippy: bool,
+    /// Passed to `cargo test` after `--` (a test name filter, `--nocapture`, ...).
+    #[arg(last = true)]
+    pub test_args: Vec<String>,
+}
+
+/// `cargo xtask test`.
+pub fn test(args: &TestArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let mut summary = Summary::default();
+    run_test(args, &mut summary)?;
+    finish("test", &summary, t0.elapsed())
+}
+
+/// `cargo xtask ci`: deps, then test.
+pub fn ci() -> Result<()> {
+    let t0 = Instant::now();
+    let mut summary = Summary::default();
+    if summary.step("deps", || deps::ensure().map(|()| String::new())) {
+        run_test(&TestArgs::default(), &mut summary)?;
+    } else {
+        for n in STEPS {
+            summary.skip(n);
+        }
+    }
+    finish("ci", &summary, t0.elapsed())
+}
+
+const STEPS: [&str; 4] = ["ebpf", "build", "tests", "clippy"];
+
+enum Outcome {
+    Ok(String),
+    Failed(String),
+    Skipped,
+}
+
+struct Step {
+    name: &'static str,
+    time: Duration,
+    outcome: Outcome,
+}
+
+#[derive(Default)]
+struct Summary {
+    steps: Vec<Step>,
+}
+
+impl Summary {
+    fn ok(&self) -> bool {
+        self.steps.iter().all(|s| !matches!(s.outcome, Outcome::Failed(_)))
+    }
+
+    /// Run one step, print a banner and its result, record it.
+    fn step(&mut self, name: &'static str, f: impl FnOnce() -> Result<String>) -> bool {
+        println!("\n==== {name}");
+        let t = Instant::now();
+        let outcome = match f() {
+            Ok(note) => Outcome::Ok(note),
+            Err(e) => {
+                eprintln!("\n{name} FAILED: {e:#}");
+                Outcome::Failed(format!("{e:#}"))
+            }
+        };
+        let ok = matches!(outcome, Outcome::Ok(_));
+        self.steps.push(Step { name, time: t.elapsed(), outcome });
+        ok
+    }
+
+    fn skip(&mut self, name: &'static str) {
+        self.steps.push(Step { name, time: Duration::ZERO, outcome: Outcome::Skipped });
+    }
+}
+
+fn finish(cmd: &str, summary: &Summary, total: Duration) -> Result<()> {
+    let parts: Vec<String> = summary
+        .steps
+        .iter()
+        .map(|s| match &s.outcome {
+            Outcome::Ok(n) if n.is_empty() => format!("{} ok {}", s.name, fmt_duration(s.time)),
+            Outcome::Ok(n) => format!("{} ok {} ({n})", s.name, fmt_duration(s.time)),
+            Outcome::Failed(_) => format!("{} FAILED {}", s.name, fmt_duration(s.time)),
+            Outcome::Skipped => format!("{} skipped", s.name),
+        })
+        .collect();
+    let failed: Vec<&Step> = summary.steps.iter().filter(|s| matches!(s.outcome, Outcome::Failed(_))).collect();
+    if !failed.is_empty() {
+        println!();
+        for s in &failed {
+            if let Outcome::Failed(why) = &s.outcome {
+                println!("{cmd}: {} failed: {why}", s.name);
+            }
+        }
+    }
+    let verdict = if summary.ok() { "OK" } else { "FAILED" };
+    println!("\n{cmd}: {verdict} in {}: {}", fmt_duration(total), parts.join(", "));
+    if summary.ok() {
+        Ok(())
+    } else {
+        // The summary line above says it all; exit non-zero without a second report.
+        std::process::exit(1);
+    }
+}
+
+fn run_test(args: &TestArgs, s: &mut Summary) -> Result<()> {
+    deps::require_root(
+        "the test suite builds network namespaces, veth pairs, TUN devices and XDP programs",
+    )?;
+    let root = workspace_root();
+    let locked = std::env::var_os("CI").is_some();
+
+    if !s.step("ebpf", || ebpf::build_ebpf().map(|p| p.display().to_string())) {
+        for n in STEPS.iter().skip(1) {
+            s.skip(n);
+        }
+        return Ok(());
+    }
+    let built = s.step("build", || {
+        let mut c = cargo(&root, "test", locked);
+        c.args(["--workspace", "--no-run"]);
+        deps::run(&mut c).map(|()| String::new())
+    });
+    if built {
+        s.step("tests", || run_cargo_test(&root, locked, &args.test_args));
+    } else {
+        s.skip("tests");
+    }
+    if args.no_clippy || !built {
+        s.skip("clippy");
+    } else {
+        s.step("clippy", || {
+            let mut c = cargo(&root, "clippy", locked);
+            c.args(["--workspace", "--all-targets", "--", "-D", "warnings"]);
+            deps::run(&mut c).map(|()| String::new())
+        });
+    }
+    Ok(())
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_else(|| ".".into())
+}
+
+fn cargo(root: &std::path::Path, sub: &str, locked: bool) -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.arg(sub).current_dir(root);
+    if locked {
+        // CI: the committed Cargo.lock must be complete.
+        c.arg("--locked");
+    }
+    c
+}
+
+/// `cargo test`, its output forwarded as it comes; returns "N passed, M
+/// ignored" or fails naming the failed tests.
+fn run_cargo_test(root: &std::path::Path, locked: bool, extra: &[String]) -> Result<String> {
+    let mut c = cargo(root, "test", locked);
+    c.args(["--workspace", "--no-fail-fast"]);
+    if !extra.is_empty() {
+        c.arg("--").args(extra);
+    }
+    println!("+ {}", show(&c));
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("could not start `{}`", show(&c)))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut failures = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.context("reading cargo test's output")?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                passed += count(rest, " passed");
+                failed += count(rest, " failed");
+                ignored += count(rest, " ignored");
+            } else if let Some(name) = line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... FAILED")) {
+                failures.push(name.to_string());
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    let counts = format!("{passed} passed, {failed} failed, {ignored} ignored");
+    if !status.success() {
+        if failures.is_empty() {
+            bail!("cargo test {status} ({counts})");
+        }
+        bail!("{counts}: {}", failures.join(", "));
+    }
+    Ok(counts)
+}
+
+/// The number before `label` in a `test result:` line
+/// ("ok. 12 passed; 0 failed; 1 ignored; ...").
+fn count(line: &str, label: &str) -> u64 {
+    line.split(';')
+        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(label.trim_start()))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn counts_from_a_test_result_line() {
+        let l = "ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s";
+        assert_eq!(count(l, " passed"), 12);
+        assert_eq!(count(l, " failed"), 0);
+        assert_eq!(count(l, " ignored"), 1);
+        let l = "FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(count(l, " passed"), 3);
+        assert_eq!(count(l, " failed"), 2);
+    }
+}

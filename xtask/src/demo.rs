@@ -1,0 +1,46 @@
+//! `cargo xtask demo`: the README's first command.
+//!
+//! Installs what is missing (`deps`), builds the XDP object and a release
+//! daemon (the demo shows throughput, so it is built optimised), then
+//! replaces itself with `scripts/demo.sh`, which builds the two namespaces,
+//! runs the traffic and cleans up. The script is a plain shell walk-through
+//! an operator can read and rerun by hand (`scripts/demo.sh target/release/udp-encap-tun`).
+//! `exec` (not a child process) so that Ctrl-C reaches the script's own
+//! cleanup trap and nothing is left running behind it.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::deps;
+use crate::ebpf;
+
+pub fn demo() -> Result<()> {
+    deps::require_root("the demo creates network namespaces, a veth pair, TUN devices and an XDP program")?;
+    println!("demo: checking dependencies (cargo xtask deps)");
+    deps::ensure().context("demo: installing the dependencies failed")?;
+    println!("demo: building the XDP program");
+    ebpf::build_ebpf().context("demo: building the eBPF object failed")?;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ".".into());
+    println!("demo: building the daemon (release)");
+    let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    build
+        .args(["build", "--release", "--package", "udp-encap-tun", "--bin", "udp-encap-tun"])
+        .current_dir(&root);
+    deps::run(&mut build).context("demo: building the daemon failed")?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join("release").join("udp-encap-tun");
+    if !bin.is_file() {
+        bail!("demo: the build finished but {} does not exist", bin.display());
+    }
+    let script = root.join("scripts").join("demo.sh");
+    let err = Command::new("bash").arg(&script).arg(&bin).current_dir(&root).exec();
+    Err(err).with_context(|| format!("demo: could not run {}", script.display()))
+}
