@@ -23,3 +23,6 @@ pub mod counters;
 pub mod store;
 pub mod wire;
 pub mod xdp;
+pub mod control;
+pub mod daemon;
+pub mod netdev;

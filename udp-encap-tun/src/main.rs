@@ -1,9 +1,32 @@
 //! The `udp-encap-tun` binary: parse the command line, run. See README.md.
 
-use clap::Parser;
-use udp_encap_tun::cli;
+use std::process::ExitCode;
 
-fn main() {
+use clap::Parser;
+use udp_encap_tun::{cli, control, daemon};
+
+fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    println!("{cli:?}");
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let result = match (cli.command, cli.run) {
+        (Some(cli::Command::Status { interface }), _) => {
+            control::query(&interface).map(|text| print!("{text}"))
+        }
+        (None, Some(args)) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(daemon::run(args))),
+        (None, None) => Err(anyhow::anyhow!("nothing to do: see --help")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("udp-encap-tun: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

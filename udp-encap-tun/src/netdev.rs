@@ -1,0 +1,85 @@
+//! Facts about network interfaces, read through sockets and netlink-backed
+//! libc calls that answer for the caller's network namespace (unlike
+//! `/sys/class/net`, which shows whichever namespace mounted sysfs).
+
+use std::ffi::CString;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+
+/// The interface's index, or `None` if no interface has that name here.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string for the whole call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+/// The interface's MTU (SIOCGIFMTU).
+pub fn mtu(name: &str) -> io::Result<u32> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads ifr_name and writes ifr_mtu inside `req`,
+    // which lives for the whole call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: after a successful SIOCGIFMTU the union holds ifru_mtu.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).map_err(|_| io::Error::other("negative MTU"))
+}
+
+/// The interface's IPv4 addresses with their prefix lengths, in the order
+/// the kernel lists them (the primary address first).
+pub fn ipv4_addrs(name: &str) -> io::Result<Vec<(Ipv4Addr, u8)>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+        if ifa.interface_name != name {
+            continue;
+        }
+        let Some(addr) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) else {
+            continue;
+        };
+        let prefix = ifa
+            .netmask
+            .as_ref()
+            .and_then(|m| m.as_sockaddr_in())
+            .map_or(32, |m| m.ip().to_bits().count_ones() as u8);
+        out.push((addr.ip(), prefix));
+    }
+    Ok(out)
+}
+
+/// The inode of this process's network namespace: tells two instances in
+/// different namespaces apart (control socket names, BPF pin paths).
+pub fn netns_inode() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/self/ns/net")?.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_known() {
+        assert_eq!(ifindex("lo"), Some(1));
+        assert!(ifindex("no-such-if-x").is_none());
+        assert!(ifindex("bad\0name").is_none());
+        assert_eq!(mtu("lo").expect("lo has an MTU"), 65536);
+        assert!(mtu("no-such-if-x").is_err());
+        assert!(mtu("a-name-far-too-long-for-ifreq").is_err());
+        let lo = ipv4_addrs("lo").expect("getifaddrs");
+        assert!(lo.contains(&(Ipv4Addr::LOCALHOST, 8)), "{lo:?}");
+        assert!(netns_inode().expect("netns") > 0);
+    }
+}
