@@ -140,7 +140,12 @@ fn run_test(args: &TestArgs, s: &mut Summary) -> Result<()> {
     let root = workspace_root();
     let locked = std::env::var_os("CI").is_some();
 
-    if !s.step("ebpf", || ebpf::build_ebpf().map(|p| p.display().to_string())) {
+    let ebpf = || {
+        let obj = ebpf::build_ebpf()?;
+        println!("eBPF object: {}", obj.display());
+        Ok(String::new())
+    };
+    if !s.step("ebpf", ebpf) {
         for n in STEPS.iter().skip(1) {
             s.skip(n);
         }
@@ -217,6 +222,9 @@ fn run_cargo_test(root: &std::path::Path, locked: bool, extra: &[String]) -> Res
     let status = child.wait().context("waiting for cargo test")?;
     let counts = format!("{passed} passed, {failed} failed, {ignored} ignored");
     if !status.success() {
+        if passed + failed == 0 {
+            bail!("cargo test failed before any test ran (a compile error? see above)");
+        }
         if failures.is_empty() {
             bail!("cargo test {status} ({counts})");
         }

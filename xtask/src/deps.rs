@@ -295,8 +295,10 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 }
 
 /// The command line as a user would type it.
+/// (The program by its file name: `cargo`, not the toolchain's full path.)
 pub fn show(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
+    let program = Path::new(cmd.get_program());
+    std::iter::once(program.file_name().unwrap_or(program.as_os_str()))
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
