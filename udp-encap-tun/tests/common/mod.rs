@@ -429,6 +429,21 @@ impl Topology {
 
 // ---------------------------------------------------------------- daemon
 
+/// `--interface TUN --listen-port P --bind-to-interface UPLINK
+/// [--endpoint-port E] EXTRA...` (client mode iff `endpoint` is given).
+pub fn daemon_args(tun: &str, uplink: &str, listen: u16, endpoint: Option<u16>, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["--interface", tun, "--listen-port", &listen.to_string(), "--bind-to-interface", uplink]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if let Some(e) = endpoint {
+        v.push("--endpoint-port".into());
+        v.push(e.to_string());
+    }
+    v.extend(extra.iter().map(ToString::to_string));
+    v
+}
+
 /// What `udp-encap-tun status` printed.
 #[derive(Debug, Clone, Default)]
 pub struct Status {
@@ -497,14 +512,15 @@ pub struct Daemon {
 impl Daemon {
     /// Spawns `udp-encap-tun ARGS` in `ns` and waits (10 s) until `status`
     /// answers. `RUST_LOG` defaults to `debug` unless set in the environment.
-    pub fn spawn(ns: &Netns, label: &str, args: &[&str]) -> Daemon {
+    pub fn spawn<S: AsRef<str>>(ns: &Netns, label: &str, args: &[S]) -> Daemon {
         let mut d = Daemon::spawn_no_wait(ns, label, args);
         d.wait_ready(Duration::from_secs(10));
         d
     }
 
     /// Spawns without waiting for the control socket (for start-up error tests).
-    pub fn spawn_no_wait(ns: &Netns, label: &str, args: &[&str]) -> Daemon {
+    pub fn spawn_no_wait<S: AsRef<str>>(ns: &Netns, label: &str, args: &[S]) -> Daemon {
+        let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
         let dir = ArtifactDir::new(label);
         let log = dir.file(&format!("{label}.log"));
         let logf = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
@@ -514,7 +530,7 @@ impl Daemon {
             .map_or("tun0", |w| w[1])
             .to_string();
         let mut cmd = ns.cmd(BIN);
-        cmd.args(args)
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log fd"))
             .stderr(logf);
@@ -1283,4 +1299,52 @@ pub fn tcp_connect_with_ip_options(dest: SocketAddrV4, wait: Duration) -> bool {
 pub fn payload_sha(len: u64, seed: u64) -> Sha {
     let mut sink = io::sink();
     send_payload(&mut sink, len, seed).expect("sink never fails")
+}
+
+/// Reads exactly `len` bytes; returns their SHA-256.
+pub fn recv_exact_sha(r: &mut impl Read, len: u64) -> io::Result<Sha> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut h = Sha256::new();
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left.min(CHUNK as u64)).expect("chunk fits usize");
+        r.read_exact(&mut buf[..n])?;
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(h.finalize().into())
+}
+
+/// TCP sockets of `ns` as (local, remote, state) from
+/// `/proc/thread-self/net/tcp` (state in the kernel's hex: 01 ESTABLISHED,
+/// 06 TIME_WAIT, 0A LISTEN, ...).
+pub fn tcp_sockets(ns: &Netns) -> Vec<(SocketAddrV4, SocketAddrV4, String)> {
+    let text = in_netns(ns, || fs::read_to_string("/proc/thread-self/net/tcp")).expect("read /proc/net/tcp");
+    let addr = |s: &str| -> SocketAddrV4 {
+        let (a, p) = s.split_once(':').expect("addr:port");
+        let a = u32::from_str_radix(a, 16).expect("hex addr");
+        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(a)), u16::from_str_radix(p, 16).expect("hex port"))
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() > 3).then(|| (addr(w[1]), addr(w[2]), w[3].to_string()))
+        })
+        .collect()
+}
+
+/// Waits until no TCP socket of `ns` is in a state that may still send
+/// (anything but LISTEN and TIME_WAIT), e.g. before a capture that must stay
+/// silent.
+pub fn wait_tcp_quiet(ns: &Netns, deadline: Duration) {
+    let end = Instant::now() + deadline;
+    loop {
+        let last: Vec<_> = tcp_sockets(ns).into_iter().filter(|s| s.2 != "0A" && s.2 != "06").collect();
+        if last.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < end, "TCP sockets in {} still active after {deadline:?}: {last:?}", ns.name());
+        thread::sleep(Duration::from_millis(20));
+    }
 }
