@@ -252,21 +252,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         }
                     };
                     let SocketAddr::V4(src) = src else { continue };
-                    match core.from_udp(src, &mut udp_buf, n, now, gate.as_mut()) {
-                        Ok(range) => {
-                            let Some(pkt) = udp_buf.get(range) else { continue };
-                            match send_tun(&tun, pkt).await {
-                                Ok(()) => {
-                                    counters.add(Traffic::TunTxPackets, 1);
-                                    counters.add(Traffic::TunTxBytes, pkt.len() as u64);
-                                }
-                                Err(e) => {
-                                    counters.discard(Discard::IoError);
-                                    io_log.log(now, || format!("writing to the TUN: {e}"));
-                                }
+                    // A discard is counted by the core.
+                    if let Ok(range) = core.from_udp(src, &mut udp_buf, n, now, gate.as_mut()) {
+                        let Some(pkt) = udp_buf.get(range) else { continue };
+                        match send_tun(&tun, pkt).await {
+                            Ok(()) => {
+                                counters.add(Traffic::TunTxPackets, 1);
+                                counters.add(Traffic::TunTxBytes, pkt.len() as u64);
+                            }
+                            Err(e) => {
+                                counters.discard(Discard::IoError);
+                                io_log.log(now, || format!("writing to the TUN: {e}"));
                             }
                         }
-                        Err(_) => {} // counted by the core
                     }
                 }
             }
