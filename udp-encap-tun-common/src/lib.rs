@@ -35,7 +35,11 @@ pub struct PeerKey {
 impl PeerKey {
     /// `addr` and `port` are the wire bytes (network byte order).
     pub const fn new(addr: [u8; 4], port: [u8; 2]) -> Self {
-        Self { addr, port, pad: [0; 2] }
+        Self {
+            addr,
+            port,
+            pad: [0; 2],
+        }
     }
 }
 

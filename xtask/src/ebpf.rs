@@ -85,11 +85,18 @@ pub fn build_ebpf() -> Result<PathBuf> {
                 .join("release")
                 .join(BIN);
             check_object(&obj)?;
-            println!("build-ebpf: built {} with {}", obj.display(), route.describe());
+            println!(
+                "build-ebpf: built {} with {}",
+                obj.display(),
+                route.describe()
+            );
             return Ok(obj);
         }
         eprintln!("build-ebpf: {} failed ({status})", route.describe());
-        failures.push(format!("{}: cargo build failed ({status})", route.describe()));
+        failures.push(format!(
+            "{}: cargo build failed ({status})",
+            route.describe()
+        ));
     }
     bail!("{}\n\n{RECIPES}", failures.join("\n"))
 }
@@ -109,8 +116,13 @@ fn prepare(route: Route) -> Result<()> {
                 .output()
                 .context("running /usr/bin/rustc --print sysroot")?;
             let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
-            if !sysroot.join("lib/rustlib/src/rust/library/Cargo.lock").exists() {
-                bail!("the library source of /usr/bin/rustc is missing (apt-get install rust-web-src)");
+            if !sysroot
+                .join("lib/rustlib/src/rust/library/Cargo.lock")
+                .exists()
+            {
+                bail!(
+                    "the library source of /usr/bin/rustc is missing (apt-get install rust-web-src)"
+                );
             }
             Ok(())
         }
@@ -128,7 +140,10 @@ fn rustup_rust_src(toolchain: &str) -> Result<()> {
     }
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     // What -Z build-std reads; its absence is the error cargo would give.
-    if sysroot.join("lib/rustlib/src/rust/library/Cargo.lock").exists() {
+    if sysroot
+        .join("lib/rustlib/src/rust/library/Cargo.lock")
+        .exists()
+    {
         return Ok(());
     }
     eprintln!(
@@ -168,7 +183,8 @@ fn cargo_build(route: Route, crate_dir: &Path, path: &OsString) -> Command {
         }
         Route::StableBootstrap => {
             let mut c = Command::new("rustup");
-            c.args(["run", "stable", "cargo"]).env("RUSTC_BOOTSTRAP", "1");
+            c.args(["run", "stable", "cargo"])
+                .env("RUSTC_BOOTSTRAP", "1");
             c
         }
         Route::Debian => {
@@ -178,7 +194,14 @@ fn cargo_build(route: Route, crate_dir: &Path, path: &OsString) -> Command {
         }
     };
     cmd.current_dir(crate_dir)
-        .args(["build", "-Z", "build-std=core", "--target", TARGET, "--release"])
+        .args([
+            "build",
+            "-Z",
+            "build-std=core",
+            "--target",
+            TARGET,
+            "--release",
+        ])
         .env("PATH", path)
         // Debug info is what bpf-linker turns into BTF; with --target given,
         // these flags reach only the eBPF crates, not build scripts.
