@@ -22,10 +22,11 @@ use tokio::sync::mpsc;
 
 use crate::cli::{RunArgs, XdpMode};
 use crate::control::{self, StatusRequest};
-use crate::core::{Core, FromTun, HEADROOM, OpenGate, PeerGate};
+use crate::core::{Core, FromTun, GateFull, HEADROOM, PeerGate};
 use crate::counters::{Counters, Discard, Traffic};
 use crate::netdev;
 use crate::store::{ConnectionStore, Pool};
+use crate::xdp::{XdpError, XdpGate};
 
 /// Packets handled per wake-up of one side before the loop looks at the
 /// other side again: keeps both directions and the timers responsive.
@@ -170,13 +171,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let status_listener = control::bind(&args.interface)?;
     let tun = open_tun(&args.interface)?;
     let udp = open_udp(args.listen_port, &args.bind_to_interface)?;
-    let mut gate: Box<dyn PeerGate> = match args.xdp_mode {
-        XdpMode::Off => Box::new(OpenGate),
-        _ => {
-            log::warn!("the XDP gate is not built into this version; running without it");
-            Box::new(OpenGate)
-        }
-    };
+    let mut gate = open_gate(&args)?;
 
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
     let status_task = tokio::spawn(control::serve(status_listener, status_tx));
@@ -253,7 +248,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     };
                     let SocketAddr::V4(src) = src else { continue };
                     // A discard is counted by the core.
-                    if let Ok(range) = core.from_udp(src, &mut udp_buf, n, now, gate.as_mut()) {
+                    if let Ok(range) = core.from_udp(src, &mut udp_buf, n, now, &mut gate) {
                         let Some(pkt) = udp_buf.get(range) else { continue };
                         match send_tun(&tun, pkt).await {
                             Ok(()) => {
@@ -272,14 +267,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let now = Instant::now();
                 if core.next_expiry().is_some_and(|t| t <= now) {
                     expired.clear();
-                    core.expire(now, gate.as_mut(), &mut expired);
+                    core.expire(now, &mut gate, &mut expired);
                     for e in &expired {
                         log::info!("entry expired: {} -> {}", e.peer, e.addr);
                     }
                 }
             }
             Some(reply) = status_rx.recv() => {
-                let text = status_text(&args, &host, &core, started, Instant::now());
+                let text = status_text(&args, &host, &core, &gate, started, Instant::now());
                 let _ = reply.send(text);
             }
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
@@ -290,6 +285,58 @@ pub async fn run(args: RunArgs) -> Result<()> {
     drop(gate);
     log::info!("stopped cleanly");
     Ok(())
+}
+
+/// The peer gate in front of the socket: the XDP program, or nothing.
+pub enum Gate {
+    Off,
+    Xdp(XdpGate),
+}
+
+/// Attaches the XDP gate. Enforcement (dropping datagrams from peers without
+/// an entry) is on when authentication is: in version 1 a datagram from an
+/// unknown peer is what creates its entry, so it must reach the daemon.
+fn open_gate(args: &RunArgs) -> Result<Gate> {
+    if args.xdp_mode == XdpMode::Off {
+        log::info!("XDP gate off (--xdp-mode off): the daemon checks every datagram itself");
+        return Ok(Gate::Off);
+    }
+    let enforce = !args.insecure_no_auth;
+    match XdpGate::attach(&args.bind_to_interface, args.listen_port, args.xdp_map_size, args.xdp_mode, enforce) {
+        Ok(g) => Ok(Gate::Xdp(g)),
+        Err(e) if args.xdp_mode == XdpMode::Auto => {
+            log::warn!(
+                "XDP gate unavailable, running without it (the daemon still checks every datagram): {:#}",
+                anyhow::Error::from(e)
+            );
+            Ok(Gate::Off)
+        }
+        Err(e) => Err(anyhow::Error::from(e)
+            .context(format!("cannot attach the XDP gate to {}", args.bind_to_interface))),
+    }
+}
+
+impl PeerGate for Gate {
+    fn allow(&mut self, peer: SocketAddrV4) -> Result<(), GateFull> {
+        match self {
+            Gate::Off => Ok(()),
+            Gate::Xdp(g) => g.allow(peer).map_err(|e| {
+                if !matches!(e, XdpError::MapFull { .. }) {
+                    // Refuse rather than let store and map disagree.
+                    log::error!("cannot add {peer} to the XDP map, refusing it: {e}");
+                }
+                GateFull
+            }),
+        }
+    }
+
+    fn revoke(&mut self, peer: SocketAddrV4) {
+        if let Gate::Xdp(g) = self
+            && let Err(e) = g.revoke(peer)
+        {
+            log::error!("cannot remove {peer} from the XDP map: {e}");
+        }
+    }
 }
 
 async fn send_udp(udp: &UdpSocket, bytes: &[u8], to: SocketAddrV4) -> io::Result<()> {
@@ -332,7 +379,7 @@ impl RateLimitedLog {
     }
 }
 
-fn status_text(args: &RunArgs, host: &Host, core: &Core, started: Instant, now: Instant) -> String {
+fn status_text(args: &RunArgs, host: &Host, core: &Core, gate: &Gate, started: Instant, now: Instant) -> String {
     use std::fmt::Write;
     let mut t = String::new();
     let _ = writeln!(t, "version {}", env!("CARGO_PKG_VERSION"));
@@ -360,8 +407,28 @@ fn status_text(args: &RunArgs, host: &Host, core: &Core, started: Instant, now: 
             store.len()
         );
     }
+    match gate {
+        Gate::Off => {
+            let _ = writeln!(t, "xdp off");
+        }
+        Gate::Xdp(g) => {
+            let _ = writeln!(t, "xdp {} pins {}", g.mode(), g.pin_dir().display());
+        }
+    }
     for (name, v) in core.counters().snapshot() {
         let _ = writeln!(t, "counter {name} {v}");
+    }
+    if let Gate::Xdp(g) = gate {
+        match g.counters() {
+            Ok(cs) => {
+                for (name, v) in cs {
+                    let _ = writeln!(t, "counter {name} {v}");
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(t, "xdp_counters_error {e}");
+            }
+        }
     }
     if let Some(store) = core.store() {
         let mut entries: Vec<_> = store.entries().collect();

@@ -14,6 +14,9 @@ fn main() -> ExitCode {
         (Some(cli::Command::Status { interface }), _) => {
             control::query(&interface).map(|text| print!("{text}"))
         }
+        (Some(cli::Command::Credentials(args)), _) => {
+            udp_encap_tun::auth::run_credentials_command(&args)
+        }
         (None, Some(args)) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
