@@ -46,6 +46,8 @@ pub enum Command {
         #[arg(long)]
         interface: String,
     },
+    /// Make the server certificate and client credentials (see docs/auth.md).
+    Credentials(crate::auth::CredentialsArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -96,6 +98,40 @@ pub struct RunArgs {
     /// full is refused (counted under pool_full); a live one is never evicted.
     #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
     pub xdp_map_size: u32,
+
+    /// Server: the TLS certificate (PEM) clients authenticate against
+    /// (made by `udp-encap-tun credentials server`).
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure_no_auth")]
+    pub cert: Option<std::path::PathBuf>,
+
+    /// Server: the certificate's private key (PEM, mode 0600).
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure_no_auth")]
+    pub key: Option<std::path::PathBuf>,
+
+    /// Server: the client list (`ID sha256:HASH` lines). Re-read when it
+    /// changes and on SIGHUP.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure_no_auth")]
+    pub clients: Option<std::path::PathBuf>,
+
+    /// Client: the credential file (id, secret, server pin) made on the
+    /// server by `udp-encap-tun credentials client --name NAME`.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure_no_auth")]
+    pub credential: Option<std::path::PathBuf>,
+
+    /// Client: check the server against this CA certificate (PEM) instead of
+    /// the pin in the credential.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure_no_auth")]
+    pub ca: Option<std::path::PathBuf>,
+
+    /// Client with --ca: the name the server's certificate must carry
+    /// (default: the server's IP address).
+    #[arg(long, value_name = "NAME", requires = "ca", conflicts_with = "insecure_no_auth")]
+    pub server_name: Option<String>,
+
+    /// How long one authentication may take (TLS handshake and answer); the
+    /// server closes connections that take longer.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub auth_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

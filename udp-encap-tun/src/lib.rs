@@ -17,6 +17,7 @@
 //! - the edge: [`tun`], [`udp`], [`daemon`], [`control`], [`xdp`]: sockets,
 //!   the TUN device, the eBPF program, the status socket.
 
+pub mod auth;
 pub mod cli;
 pub mod core;
 pub mod counters;

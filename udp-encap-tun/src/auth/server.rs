@@ -1,0 +1,592 @@
+//! The server's authentication listener: TCP `--listen-port` on the uplink,
+//! TLS 1.3, one hello, one reply, close.
+//!
+//! Defences, in the order a connection meets them:
+//! 1. per-source rate limit on *failed* attempts, checked at `accept`, before
+//!    any TLS work (a refused source gets a RST);
+//! 2. a bound on connections per source and in total (slowloris: one address
+//!    cannot take all the slots);
+//! 3. one deadline for the TLS handshake plus the hello;
+//! 4. bounded reads (the hello is at most 98 bytes).
+//!
+//! Every failure bumps its [`AuthStats`] reason and `Discard::AuthFailure`,
+//! and takes a token from the source's rate-limit bucket.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use super::credentials::{load_certs, load_key, ClientList, Verdict};
+use super::protocol::{Hello, ProtoError, Reply, ALPN};
+use super::ratelimit::{RateLimitConfig, RateLimiter};
+use super::{AuthError, AuthRequest, AuthStats, Clock, Granted, Refused, SystemClock};
+use crate::counters::{Counters, Discard};
+
+#[derive(Debug, Clone)]
+pub struct ServerAuthConfig {
+    /// PEM certificate chain (end-entity first).
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The client list (see [`super::credentials`]).
+    pub clients: PathBuf,
+    /// A connection must finish the TLS handshake and send its hello within
+    /// this, or it is closed (`--auth-timeout`).
+    pub timeout: Duration,
+    /// Authentication connections open at once, in total.
+    pub max_connections: usize,
+    /// ... and from one source address.
+    pub max_per_source: usize,
+    pub rate_limit: RateLimitConfig,
+}
+
+impl ServerAuthConfig {
+    pub fn new(cert: PathBuf, key: PathBuf, clients: PathBuf, timeout: Duration) -> ServerAuthConfig {
+        ServerAuthConfig {
+            cert,
+            key,
+            clients,
+            timeout,
+            max_connections: 64,
+            max_per_source: 8,
+            rate_limit: RateLimitConfig::default(),
+        }
+    }
+}
+
+/// What identifies a version of the client list file on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> io::Result<FileStamp> {
+        let m = std::fs::metadata(path)?;
+        Ok(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    /// Modified in the last 2 s: a second write in the same timestamp tick
+    /// (coarse on some file systems) would not change the stamp, so such a
+    /// file is re-read every time until it has settled (git's "racy" rule).
+    fn is_recent(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        now.saturating_sub(self.mtime.0.max(self.ctime.0)) < 2
+    }
+}
+
+#[derive(Debug)]
+struct ClientsState {
+    list: Arc<ClientList>,
+    stamp: Option<FileStamp>,
+    /// The stamp of a version that failed to load, so it is logged once.
+    bad_stamp: Option<FileStamp>,
+}
+
+struct Shared {
+    acceptor: TlsAcceptor,
+    clients_path: PathBuf,
+    clients: Mutex<ClientsState>,
+    limiter: Mutex<RateLimiter>,
+    per_source: Mutex<HashMap<Ipv4Addr, usize>>,
+    permits: Arc<Semaphore>,
+    stats: Arc<AuthStats>,
+    counters: Arc<Counters>,
+    clock: Arc<dyn Clock>,
+    timeout: Duration,
+    max_per_source: usize,
+}
+
+/// A poisoned lock only means another task panicked while holding it; the
+/// data (counters, buckets) is still usable, and refusing to serve would be
+/// worse.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The bound listener. [`AuthServer::run`] consumes it; take a
+/// [`AuthServer::handle`] first to reload and read stats while it runs.
+pub struct AuthServer {
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// Reload the client list and read the stats of a running [`AuthServer`].
+#[derive(Clone)]
+pub struct AuthServerHandle {
+    shared: Arc<Shared>,
+}
+
+fn socket_err(what: String, hint: &str) -> impl FnOnce(io::Error) -> AuthError + '_ {
+    move |source| AuthError::Socket {
+        what,
+        source,
+        hint: if hint.is_empty() { String::new() } else { format!("; {hint}") },
+    }
+}
+
+impl AuthServer {
+    /// Listens on `0.0.0.0:listen_port`, bound to `uplink` (SO_BINDTODEVICE).
+    /// Synchronous so a port in use, a missing interface, an unreadable
+    /// certificate or client list stop the daemon at start-up.
+    pub fn bind(
+        listen_port: u16,
+        uplink: &str,
+        cfg: ServerAuthConfig,
+        counters: Arc<Counters>,
+    ) -> Result<AuthServer, AuthError> {
+        Self::bind_with(
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, listen_port),
+            Some(uplink),
+            cfg,
+            counters,
+            Arc::new(SystemClock),
+        )
+    }
+
+    /// [`AuthServer::bind`] with the address, the device binding (`None`:
+    /// none, for tests on loopback) and the clock chosen by the caller.
+    pub fn bind_with(
+        addr: SocketAddrV4,
+        uplink: Option<&str>,
+        cfg: ServerAuthConfig,
+        counters: Arc<Counters>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<AuthServer, AuthError> {
+        let acceptor = TlsAcceptor::from(Arc::new(tls_config(&cfg)?));
+        let list = ClientList::load(&cfg.clients)?;
+        let stamp = FileStamp::of(&cfg.clients).ok();
+        if list.is_empty() {
+            log::warn!(
+                "client list `{}` has no clients yet: add one with `udp-encap-tun credentials client --name NAME`",
+                cfg.clients.display()
+            );
+        } else {
+            log::info!("client list `{}`: {} clients", cfg.clients.display(), list.len());
+        }
+        let listener = listen(addr, uplink)?;
+        let shared = Arc::new(Shared {
+            acceptor,
+            clients_path: cfg.clients.clone(),
+            clients: Mutex::new(ClientsState { list: Arc::new(list), stamp, bad_stamp: None }),
+            limiter: Mutex::new(RateLimiter::new(cfg.rate_limit)),
+            per_source: Mutex::new(HashMap::new()),
+            permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
+            stats: Arc::new(AuthStats::default()),
+            counters,
+            clock,
+            timeout: cfg.timeout,
+            max_per_source: cfg.max_per_source.max(1),
+        });
+        Ok(AuthServer { listener, shared })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn handle(&self) -> AuthServerHandle {
+        AuthServerHandle { shared: self.shared.clone() }
+    }
+
+    pub fn stats(&self) -> Arc<AuthStats> {
+        self.shared.stats.clone()
+    }
+
+    pub fn reload(&self) -> Result<usize, AuthError> {
+        self.handle().reload()
+    }
+
+    /// The accept loop: one task per connection. Never returns on its own
+    /// (abort the task to stop it; the listening socket closes with it).
+    pub async fn run(self, requests: mpsc::Sender<AuthRequest>) {
+        let listener = match TcpListener::from_std(self.listener) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("authentication listener cannot join the runtime: {e}; no client can authenticate");
+                return std::future::pending().await;
+            }
+        };
+        let shared = self.shared;
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
+                    log::warn!("accepting an authentication connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let SocketAddr::V4(peer) = peer else { continue };
+            if !lock(&shared.limiter).allowed(*peer.ip(), shared.clock.now()) {
+                log::debug!("authentication from {peer} refused: rate limited after failed attempts");
+                refuse_now(&shared, &stream, &shared.stats.rate_limited);
+                continue;
+            }
+            let Some(slot) = SourceSlot::acquire(&shared, *peer.ip()) else {
+                log::debug!("authentication from {peer} refused: too many connections from that address");
+                refuse_now(&shared, &stream, &shared.stats.too_many_connections);
+                continue;
+            };
+            let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+                log::debug!("authentication from {peer} refused: too many authentication connections");
+                refuse_now(&shared, &stream, &shared.stats.too_many_connections);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(serve(shared.clone(), stream, peer, requests.clone(), permit, slot));
+        }
+    }
+}
+
+impl AuthServerHandle {
+    pub fn stats(&self) -> Arc<AuthStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Re-reads the client list (SIGHUP). On error the old list stays in
+    /// force. Returns the number of clients.
+    pub fn reload(&self) -> Result<usize, AuthError> {
+        self.shared.reload()
+    }
+
+    /// Re-reads the client list if the file changed; `Ok(None)` if it did not.
+    /// The server also does this itself before checking each credential.
+    pub fn reload_if_changed(&self) -> Result<Option<usize>, AuthError> {
+        self.shared.reload_if_changed()
+    }
+
+    /// Is `id` in the current client list? After a reload, the daemon can drop
+    /// the entries of clients that are no longer known.
+    pub fn is_known_client(&self, id: &str) -> bool {
+        lock(&self.shared.clients).list.contains(id)
+    }
+}
+
+fn tls_config(cfg: &ServerAuthConfig) -> Result<ServerConfig, AuthError> {
+    let certs = load_certs(&cfg.cert)?;
+    let key = load_key(&cfg.key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| AuthError::BadFile {
+            what: "certificate and key",
+            path: cfg.key.clone(),
+            msg: format!("{e} (does the key belong to `{}`?)", cfg.cert.display()),
+        })?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // One exchange per connection: no resumption tickets, no session cache.
+    tls.send_tls13_tickets = 0;
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(tls)
+}
+
+fn listen(addr: SocketAddrV4, uplink: Option<&str>) -> Result<std::net::TcpListener, AuthError> {
+    let port = addr.port();
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+        .map_err(socket_err("create the authentication socket".into(), ""))?;
+    // Restart while connections of the previous run sit in TIME_WAIT.
+    sock.set_reuse_address(true)
+        .map_err(socket_err("set SO_REUSEADDR on the authentication socket".into(), ""))?;
+    if let Some(dev) = uplink {
+        sock.bind_device(Some(dev.as_bytes())).map_err(|e| {
+            let hint = match e.raw_os_error() {
+                Some(libc::EPERM) => "run as root or with CAP_NET_RAW",
+                Some(libc::ENODEV) => "no such interface: check --bind-to-interface (`ip link`)",
+                _ => "",
+            };
+            socket_err(format!("bind the authentication socket to interface `{dev}`"), hint)(e)
+        })?;
+    }
+    sock.bind(&SocketAddr::V4(addr).into()).map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::EADDRINUSE) => "another program (another udp-encap-tun?) listens on it: `ss -ltnp`",
+            Some(libc::EACCES) => "ports below 1024 need root or CAP_NET_BIND_SERVICE",
+            _ => "",
+        };
+        socket_err(format!("listen for authentication on TCP port {port}"), hint)(e)
+    })?;
+    sock.listen(128)
+        .map_err(socket_err(format!("listen for authentication on TCP port {port}"), ""))?;
+    sock.set_nonblocking(true)
+        .map_err(socket_err("make the authentication socket non-blocking".into(), ""))?;
+    Ok(sock.into())
+}
+
+/// Closes a connection before any TLS work, with a RST (SO_LINGER 0) so
+/// refused connections leave no TIME_WAIT behind on the server.
+fn refuse_now(shared: &Shared, stream: &TcpStream, stat: &std::sync::atomic::AtomicU64) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+    AuthStats::bump(stat);
+    shared.counters.discard(Discard::AuthFailure);
+}
+
+/// One of `max_per_source` slots of a source address, released on drop.
+struct SourceSlot {
+    shared: Arc<Shared>,
+    ip: Ipv4Addr,
+}
+
+impl SourceSlot {
+    fn acquire(shared: &Arc<Shared>, ip: Ipv4Addr) -> Option<SourceSlot> {
+        let mut m = lock(&shared.per_source);
+        let n = m.entry(ip).or_insert(0);
+        if *n >= shared.max_per_source {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot { shared: shared.clone(), ip })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = lock(&self.shared.per_source);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Why an attempt failed (each has its own counter).
+#[derive(Debug)]
+enum Failure {
+    BadCredential { id: String, unknown: bool },
+    Tls(String),
+    Garbage(String),
+    Timeout,
+    ClosedEarly,
+}
+
+impl Shared {
+    fn fail(&self, peer: SocketAddrV4, f: Failure) {
+        let s = &self.stats;
+        match &f {
+            Failure::BadCredential { id, unknown: true } => {
+                AuthStats::bump(&s.bad_credential);
+                log::info!("authentication from {peer} failed: unknown client id `{id}` (revoked, or never added)");
+            }
+            Failure::BadCredential { id, unknown: false } => {
+                AuthStats::bump(&s.bad_credential);
+                log::info!("authentication from {peer} failed: wrong secret for client `{id}`");
+            }
+            Failure::Tls(e) => {
+                AuthStats::bump(&s.tls_error);
+                log::info!("authentication from {peer} failed: TLS error: {e}");
+            }
+            Failure::Garbage(e) => {
+                AuthStats::bump(&s.garbage);
+                log::info!("authentication from {peer} failed: not our protocol: {e}");
+            }
+            Failure::Timeout => {
+                AuthStats::bump(&s.timeout);
+                log::info!("authentication from {peer} failed: not finished within {:?}", self.timeout);
+            }
+            Failure::ClosedEarly => {
+                AuthStats::bump(&s.closed_early);
+                log::debug!("authentication from {peer}: closed by the peer before finishing");
+            }
+        }
+        self.counters.discard(Discard::AuthFailure);
+        lock(&self.limiter).failure(*peer.ip(), self.clock.now());
+    }
+
+    fn reload(&self) -> Result<usize, AuthError> {
+        let stamp = FileStamp::of(&self.clients_path).ok();
+        match ClientList::load(&self.clients_path) {
+            Ok(list) => Ok(self.install(list, stamp)),
+            Err(e) => {
+                lock(&self.clients).bad_stamp = stamp;
+                Err(e)
+            }
+        }
+    }
+
+    fn reload_if_changed(&self) -> Result<Option<usize>, AuthError> {
+        let stamp = FileStamp::of(&self.clients_path).map_err(|source| AuthError::Read {
+            what: "client list",
+            path: self.clients_path.clone(),
+            source,
+        })?;
+        {
+            let st = lock(&self.clients);
+            let recent = stamp.is_recent();
+            if !recent && (st.stamp == Some(stamp) || st.bad_stamp == Some(stamp)) {
+                return Ok(None);
+            }
+        }
+        match ClientList::load(&self.clients_path) {
+            Ok(list) => {
+                if *lock(&self.clients).list == list {
+                    lock(&self.clients).stamp = Some(stamp);
+                    return Ok(None);
+                }
+                Ok(Some(self.install(list, Some(stamp))))
+            }
+            Err(e) => {
+                let mut st = lock(&self.clients);
+                let first = st.bad_stamp != Some(stamp);
+                st.bad_stamp = Some(stamp);
+                if first { Err(e) } else { Ok(None) }
+            }
+        }
+    }
+
+    fn install(&self, list: ClientList, stamp: Option<FileStamp>) -> usize {
+        let n = list.len();
+        let mut st = lock(&self.clients);
+        let mut removed: Vec<&str> = st.list.ids().filter(|id| !list.contains(id)).collect();
+        removed.sort_unstable();
+        let added = list.ids().filter(|id| !st.list.contains(id)).count();
+        log::info!(
+            "client list `{}` reloaded: {n} clients, {added} added, {} removed{}{}",
+            self.clients_path.display(),
+            removed.len(),
+            if removed.is_empty() { "" } else { ": " },
+            removed.join(", ")
+        );
+        st.list = Arc::new(list);
+        st.stamp = stamp;
+        st.bad_stamp = None;
+        n
+    }
+
+    fn check(&self, hello: &Hello) -> Verdict {
+        if let Err(e) = self.reload_if_changed() {
+            log::error!("{e}; keeping the previous client list");
+        }
+        let list = lock(&self.clients).list.clone();
+        list.check(&hello.id, &hello.secret)
+    }
+}
+
+/// Sorts a handshake error into garbage (not TLS at all), the peer going
+/// away, or a TLS failure proper (bad alert, wrong version, our certificate
+/// refused by the client, ...).
+fn classify_handshake(e: &io::Error) -> Failure {
+    if let Some(te) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        return match te {
+            rustls::Error::InvalidMessage(_)
+            | rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. } => Failure::Garbage(te.to_string()),
+            _ => Failure::Tls(te.to_string()),
+        };
+    }
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+            Failure::ClosedEarly
+        }
+        _ => Failure::Tls(e.to_string()),
+    }
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddrV4,
+    requests: mpsc::Sender<AuthRequest>,
+    _permit: OwnedSemaphorePermit,
+    _slot: SourceSlot,
+) {
+    let deadline = shared.timeout;
+    // Phase 1, under the deadline: TLS handshake and the hello.
+    let phase1 = tokio::time::timeout(deadline, async {
+        let mut tls = shared.acceptor.accept(stream).await.map_err(|e| Err(classify_handshake(&e)))?;
+        match Hello::read(&mut tls).await {
+            Ok(h) => Ok((tls, h)),
+            Err(ProtoError::Truncated { .. }) => Err(Err(Failure::ClosedEarly)),
+            Err(ProtoError::Io(e)) => Err(Err(Failure::Tls(e))),
+            // The peer passed TLS but speaks another version or sends junk:
+            // tell it why before closing.
+            Err(e @ ProtoError::Version(_)) => Err(Ok((tls, Reply::UnsupportedVersion, e))),
+            Err(e) => Err(Ok((tls, Reply::Malformed, e))),
+        }
+    })
+    .await;
+    let (mut tls, hello) = match phase1 {
+        Err(_) => return shared.fail(peer, Failure::Timeout),
+        Ok(Err(Err(f))) => return shared.fail(peer, f),
+        Ok(Err(Ok((mut tls, reply, e)))) => {
+            shared.fail(peer, Failure::Garbage(e.to_string()));
+            let _ = tokio::time::timeout(deadline, send_reply(&mut tls, &reply)).await;
+            return;
+        }
+        Ok(Ok(x)) => x,
+    };
+
+    // Phase 2: the credential, then the daemon.
+    let reply = match shared.check(&hello) {
+        Verdict::Valid => ask_daemon(&shared, &requests, peer, &hello.id).await,
+        v => {
+            shared.fail(peer, Failure::BadCredential { id: hello.id.clone(), unknown: v == Verdict::UnknownId });
+            Reply::Refused(Refused::BadCredential)
+        }
+    };
+
+    // Phase 3: answer and close (close_notify, then FIN). The client resets
+    // the connection once it has the answer, so neither side keeps TIME_WAIT.
+    let _ = tokio::time::timeout(deadline, send_reply(&mut tls, &reply)).await;
+}
+
+async fn ask_daemon(
+    shared: &Shared,
+    requests: &mpsc::Sender<AuthRequest>,
+    peer: SocketAddrV4,
+    id: &str,
+) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    let req = AuthRequest { peer, client_id: id.to_string(), reply: tx };
+    let answer = tokio::time::timeout(shared.timeout, async {
+        requests.send(req).await.map_err(|_| Refused::Unavailable)?;
+        rx.await.map_err(|_| Refused::Unavailable)?
+    })
+    .await
+    .unwrap_or(Err(Refused::Unavailable));
+    match answer {
+        Ok(Granted { addr, lease }) => {
+            AuthStats::bump(&shared.stats.granted);
+            log::info!("client `{id}` at {peer} authenticated: address {addr}, lease {lease:?}");
+            Reply::Granted { lease, addr }
+        }
+        Err(r) => {
+            AuthStats::bump(&shared.stats.refused);
+            log::warn!("client `{id}` at {peer} authenticated but refused: {r}");
+            Reply::Refused(r)
+        }
+    }
+}
+
+async fn send_reply<S: tokio::io::AsyncWrite + Unpin>(tls: &mut S, reply: &Reply) -> io::Result<()> {
+    tls.write_all(&reply.encode()).await?;
+    tls.flush().await?;
+    tls.shutdown().await
+}
