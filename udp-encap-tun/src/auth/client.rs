@@ -31,8 +31,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 
-use super::credentials::{load_certs, ClientCredential};
-use super::protocol::{Hello, ProtoError, Reply, ALPN};
+use super::credentials::{ClientCredential, load_certs};
+use super::protocol::{ALPN, Hello, ProtoError, Reply};
 use super::verifier::PinnedServerCert;
 use super::{AuthError, AuthStats, Lease, Refused};
 
@@ -43,7 +43,10 @@ pub enum ServerTrust {
     Pin([u8; 32]),
     /// A CA certificate file (`--ca`); the server's certificate must carry
     /// `server_name` (`--server-name`), or the server's IP address if `None`.
-    Ca { file: PathBuf, server_name: Option<String> },
+    Ca {
+        file: PathBuf,
+        server_name: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -72,7 +75,10 @@ impl ClientAuthConfig {
                         credential.display()
                     );
                 }
-                ServerTrust::Ca { file: file.into(), server_name }
+                ServerTrust::Ca {
+                    file: file.into(),
+                    server_name,
+                }
             }
             (None, Some(pin)) => {
                 if server_name.is_some() {
@@ -90,7 +96,11 @@ impl ClientAuthConfig {
                 )));
             }
         };
-        Ok(ClientAuthConfig { credential: cred, trust, timeout })
+        Ok(ClientAuthConfig {
+            credential: cred,
+            trust,
+            timeout,
+        })
     }
 }
 
@@ -124,7 +134,12 @@ impl AuthClient {
         uplink: &str,
         endpoint_port: u16,
     ) -> Result<AuthClient, AuthError> {
-        Self::with_local(cfg, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, listen_port), Some(uplink), endpoint_port)
+        Self::with_local(
+            cfg,
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, listen_port),
+            Some(uplink),
+            endpoint_port,
+        )
     }
 
     /// [`AuthClient::new`] with the local address and the device binding
@@ -142,7 +157,9 @@ impl AuthClient {
             ServerTrust::Pin(pin) => (
                 builder
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(PinnedServerCert::new(*pin, &provider)))
+                    .with_custom_certificate_verifier(Arc::new(PinnedServerCert::new(
+                        *pin, &provider,
+                    )))
                     .with_no_client_auth(),
                 None,
             ),
@@ -159,18 +176,26 @@ impl AuthClient {
                     .as_ref()
                     .map(|n| {
                         ServerName::try_from(n.clone()).map_err(|_| {
-                            AuthError::Config(format!("--server-name `{n}` is not a DNS name or IP address"))
+                            AuthError::Config(format!(
+                                "--server-name `{n}` is not a DNS name or IP address"
+                            ))
                         })
                     })
                     .transpose()?;
-                (builder.with_root_certificates(roots).with_no_client_auth(), name)
+                (
+                    builder.with_root_certificates(roots).with_no_client_auth(),
+                    name,
+                )
             }
         };
         tls.alpn_protocols = vec![ALPN.to_vec()];
         tls.resumption = rustls::client::Resumption::disabled();
-        let hello = Hello { id: cfg.credential.id.clone(), secret: cfg.credential.secret }
-            .encode()
-            .map_err(|e| AuthError::Config(format!("credential of `{}`: {e}", cfg.credential.id)))?;
+        let hello = Hello {
+            id: cfg.credential.id.clone(),
+            secret: cfg.credential.secret,
+        }
+        .encode()
+        .map_err(|e| AuthError::Config(format!("credential of `{}`: {e}", cfg.credential.id)))?;
         Ok(AuthClient {
             connector: TlsConnector::from(Arc::new(tls)),
             local,
@@ -196,11 +221,16 @@ impl AuthClient {
     fn socket(&self) -> Result<TcpSocket, AuthError> {
         let port = self.local.port();
         let err = |what: String, hint: &str| {
-            let hint = if hint.is_empty() { String::new() } else { format!("; {hint}") };
+            let hint = if hint.is_empty() {
+                String::new()
+            } else {
+                format!("; {hint}")
+            };
             move |source| AuthError::Socket { what, source, hint }
         };
         let s = TcpSocket::new_v4().map_err(err("create the authentication socket".into(), ""))?;
-        s.set_reuseaddr(true).map_err(err("set SO_REUSEADDR".into(), ""))?;
+        s.set_reuseaddr(true)
+            .map_err(err("set SO_REUSEADDR".into(), ""))?;
         // See the module comment: no TIME_WAIT on the client, ever.
         SockRef::from(&s)
             .set_linger(Some(Duration::ZERO))
@@ -209,10 +239,15 @@ impl AuthClient {
             s.bind_device(Some(dev.as_bytes())).map_err(|e| {
                 let hint = match e.raw_os_error() {
                     Some(libc::EPERM) => "run as root or with CAP_NET_RAW",
-                    Some(libc::ENODEV) => "no such interface: check --bind-to-interface (`ip link`)",
+                    Some(libc::ENODEV) => {
+                        "no such interface: check --bind-to-interface (`ip link`)"
+                    }
                     _ => "",
                 };
-                err(format!("bind the authentication socket to interface `{dev}`"), hint)(e)
+                err(
+                    format!("bind the authentication socket to interface `{dev}`"),
+                    hint,
+                )(e)
             })?;
         }
         s.bind(self.local.into()).map_err(|e| {
@@ -237,7 +272,10 @@ impl AuthClient {
         let dest = SocketAddrV4::new(server, self.endpoint_port);
         let result = match tokio::time::timeout(self.timeout, self.exchange(server, dest)).await {
             Ok(r) => r,
-            Err(_) => Err(AuthError::Timeout { server: dest, after: self.timeout }),
+            Err(_) => Err(AuthError::Timeout {
+                server: dest,
+                after: self.timeout,
+            }),
         };
         let s = &self.stats;
         AuthStats::bump(match &result {
@@ -251,8 +289,14 @@ impl AuthClient {
             Err(_) => &s.tls_error,
         });
         match result? {
-            Reply::Granted { lease, addr } => Ok(Lease { duration: lease, addr }),
-            Reply::Refused(reason) => Err(AuthError::Refused { server: dest, reason }),
+            Reply::Granted { lease, addr } => Ok(Lease {
+                duration: lease,
+                addr,
+            }),
+            Reply::Refused(reason) => Err(AuthError::Refused {
+                server: dest,
+                reason,
+            }),
             Reply::UnsupportedVersion => Err(AuthError::Protocol {
                 server: dest,
                 source: ProtoError::Version(super::protocol::VERSION),
@@ -268,7 +312,10 @@ impl AuthClient {
             .socket()?
             .connect(dest.into())
             .await
-            .map_err(|source| AuthError::Connect { server: dest, source })?;
+            .map_err(|source| AuthError::Connect {
+                server: dest,
+                source,
+            })?;
         let _ = stream.set_nodelay(true);
         let name = self
             .server_name
@@ -282,14 +329,24 @@ impl AuthClient {
             {
                 AuthError::ClosedByServer { server: dest }
             }
-            _ => AuthError::Tls { server: dest, source },
+            _ => AuthError::Tls {
+                server: dest,
+                source,
+            },
         };
-        let mut tls = self.connector.connect(name, stream).await.map_err(tls_err)?;
+        let mut tls = self
+            .connector
+            .connect(name, stream)
+            .await
+            .map_err(tls_err)?;
         tls.write_all(&self.hello).await.map_err(tls_err)?;
         tls.flush().await.map_err(tls_err)?;
         let reply = Reply::read(&mut tls).await.map_err(|e| match e {
             ProtoError::Truncated { got: 0, .. } => AuthError::ClosedByServer { server: dest },
-            source => AuthError::Protocol { server: dest, source },
+            source => AuthError::Protocol {
+                server: dest,
+                source,
+            },
         })?;
         // Dropping `tls` closes the socket: with linger 0, a RST.
         Ok(reply)

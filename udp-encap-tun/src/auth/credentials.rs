@@ -31,8 +31,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use subtle::ConstantTimeEq;
 
-use super::protocol::{valid_id, SECRET_LEN};
 use super::AuthError;
+use super::protocol::{SECRET_LEN, valid_id};
 
 pub const SERVER_CERT: &str = "server.crt";
 pub const SERVER_KEY: &str = "server.key";
@@ -62,10 +62,11 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 
 pub fn hex(b: &[u8]) -> String {
     use std::fmt::Write as _;
-    b.iter().fold(String::with_capacity(b.len() * 2), |mut s, x| {
-        let _ = write!(s, "{x:02x}");
-        s
-    })
+    b.iter()
+        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
+            let _ = write!(s, "{x:02x}");
+            s
+        })
 }
 
 /// Exactly 64 hex digits (either case) into 32 bytes.
@@ -98,27 +99,48 @@ pub fn parse_pin(s: &str) -> Option<[u8; 32]> {
 pub fn random_secret() -> Result<[u8; SECRET_LEN], AuthError> {
     let mut s = [0u8; SECRET_LEN];
     ring::rand::SystemRandom::new().fill(&mut s).map_err(|_| {
-        AuthError::Config("the operating system's random source failed; cannot make a secret".into())
+        AuthError::Config(
+            "the operating system's random source failed; cannot make a secret".into(),
+        )
     })?;
     Ok(s)
 }
 
 /// Reads at most `limit` bytes; a longer file is an error, not a truncation.
-pub(crate) fn read_bounded(path: &Path, what: &'static str, limit: u64) -> Result<Vec<u8>, AuthError> {
-    let f = fs::File::open(path).map_err(|source| AuthError::Read { what, path: path.into(), source })?;
+pub(crate) fn read_bounded(
+    path: &Path,
+    what: &'static str,
+    limit: u64,
+) -> Result<Vec<u8>, AuthError> {
+    let f = fs::File::open(path).map_err(|source| AuthError::Read {
+        what,
+        path: path.into(),
+        source,
+    })?;
     let mut buf = Vec::new();
     f.take(limit + 1)
         .read_to_end(&mut buf)
-        .map_err(|source| AuthError::Read { what, path: path.into(), source })?;
+        .map_err(|source| AuthError::Read {
+            what,
+            path: path.into(),
+            source,
+        })?;
     if buf.len() as u64 > limit {
-        return Err(AuthError::BadFile { what, path: path.into(), msg: format!("larger than {limit} bytes") });
+        return Err(AuthError::BadFile {
+            what,
+            path: path.into(),
+            msg: format!("larger than {limit} bytes"),
+        });
     }
     Ok(buf)
 }
 
 fn read_text(path: &Path, what: &'static str, limit: u64) -> Result<String, AuthError> {
-    String::from_utf8(read_bounded(path, what, limit)?)
-        .map_err(|_| AuthError::BadFile { what, path: path.into(), msg: "not UTF-8 text".into() })
+    String::from_utf8(read_bounded(path, what, limit)?).map_err(|_| AuthError::BadFile {
+        what,
+        path: path.into(),
+        msg: "not UTF-8 text".into(),
+    })
 }
 
 /// The certificate chain in a PEM file (end-entity first).
@@ -127,7 +149,11 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, AuthError
     let pem = read_bounded(path, what, MAX_SMALL_FILE)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| AuthError::BadFile { what, path: path.into(), msg: format!("not a PEM certificate: {e}") })?;
+        .map_err(|e| AuthError::BadFile {
+            what,
+            path: path.into(),
+            msg: format!("not a PEM certificate: {e}"),
+        })?;
     if certs.is_empty() {
         return Err(AuthError::BadFile {
             what,
@@ -178,7 +204,12 @@ impl ClientList {
     pub fn parse(text: &str, path: &Path) -> Result<ClientList, AuthError> {
         let mut clients = HashMap::new();
         for (i, raw) in text.lines().enumerate() {
-            let err = |msg: String| AuthError::Parse { what: "client list", path: path.into(), line: i + 1, msg };
+            let err = |msg: String| AuthError::Parse {
+                what: "client list",
+                path: path.into(),
+                line: i + 1,
+                msg,
+            };
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
                 continue;
@@ -192,8 +223,9 @@ impl ClientList {
                     "`{id}` is not a client id (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
                 )));
             }
-            let hash = parse_pin(hash)
-                .ok_or_else(|| err("the hash must be `sha256:` followed by 64 hex digits".into()))?;
+            let hash = parse_pin(hash).ok_or_else(|| {
+                err("the hash must be `sha256:` followed by 64 hex digits".into())
+            })?;
             if clients.insert(id.to_string(), hash).is_some() {
                 return Err(err(format!("client `{id}` is listed twice; keep one line")));
             }
@@ -281,15 +313,26 @@ impl ClientCredential {
         let what = "credential";
         let (mut id, mut secret, mut pin) = (None, None, None);
         for (i, raw) in text.lines().enumerate() {
-            let err = |msg: String| AuthError::Parse { what, path: path.into(), line: i + 1, msg };
+            let err = |msg: String| AuthError::Parse {
+                what,
+                path: path.into(),
+                line: i + 1,
+                msg,
+            };
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (k, v) = line.split_once('=').ok_or_else(|| err("expected `key = value`".into()))?;
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| err("expected `key = value`".into()))?;
             let (k, v) = (k.trim(), v.trim());
             let dup = |slot_full: bool| {
-                if slot_full { Err(err(format!("`{k}` is given twice"))) } else { Ok(()) }
+                if slot_full {
+                    Err(err(format!("`{k}` is given twice")))
+                } else {
+                    Ok(())
+                }
             };
             match k {
                 "id" => {
@@ -301,19 +344,28 @@ impl ClientCredential {
                 }
                 "secret" => {
                     dup(secret.is_some())?;
-                    secret = Some(unhex32(v).ok_or_else(|| err("the secret must be 64 hex digits".into()))?);
+                    secret = Some(
+                        unhex32(v).ok_or_else(|| err("the secret must be 64 hex digits".into()))?,
+                    );
                 }
                 "server-pin" => {
                     dup(pin.is_some())?;
-                    pin = Some(
-                        parse_pin(v)
-                            .ok_or_else(|| err("the pin must be `sha256:` followed by 64 hex digits".into()))?,
-                    );
+                    pin = Some(parse_pin(v).ok_or_else(|| {
+                        err("the pin must be `sha256:` followed by 64 hex digits".into())
+                    })?);
                 }
-                other => return Err(err(format!("unknown key `{other}` (known: id, secret, server-pin)"))),
+                other => {
+                    return Err(err(format!(
+                        "unknown key `{other}` (known: id, secret, server-pin)"
+                    )));
+                }
             }
         }
-        let missing = |k: &str| AuthError::BadFile { what, path: path.into(), msg: format!("has no `{k} = ...` line") };
+        let missing = |k: &str| AuthError::BadFile {
+            what,
+            path: path.into(),
+            msg: format!("has no `{k} = ...` line"),
+        };
         Ok(ClientCredential {
             id: id.ok_or_else(|| missing("id"))?,
             secret: secret.ok_or_else(|| missing("secret"))?,
@@ -331,19 +383,34 @@ impl ClientCredential {
 // ---- writing files -------------------------------------------------------
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
 /// Writes `contents` to `path` with `mode`, atomically: readers (the server
 /// re-reading the client list) see the old file or the new one, never half.
 /// `replace = false` refuses to overwrite an existing file.
-pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32, replace: bool) -> Result<(), AuthError> {
-    let werr = |source| AuthError::Write { path: path.into(), source };
+pub(crate) fn write_file(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    replace: bool,
+) -> Result<(), AuthError> {
+    let werr = |source| AuthError::Write {
+        path: path.into(),
+        source,
+    };
     let tmp = tmp_path(path);
     let _ = fs::remove_file(&tmp);
     let result = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         // The umask may have taken bits away; set exactly what we mean.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(contents)?;
@@ -371,7 +438,10 @@ fn ensure_dir(dir: &Path) -> Result<(), AuthError> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|source| AuthError::Write { path: dir.into(), source })
+        .map_err(|source| AuthError::Write {
+            path: dir.into(),
+            source,
+        })
 }
 
 /// What `credentials server` made.
@@ -386,7 +456,11 @@ pub struct ServerFiles {
 /// Makes `DIR/server.crt`, `DIR/server.key` and (if missing) an empty
 /// `DIR/clients.txt`. `names` become the certificate's subject alternative
 /// names (DNS names or IP addresses; only `--ca` clients look at them).
-pub fn make_server_files(dir: &Path, names: &[String], force: bool) -> Result<ServerFiles, AuthError> {
+pub fn make_server_files(
+    dir: &Path,
+    names: &[String],
+    force: bool,
+) -> Result<ServerFiles, AuthError> {
     ensure_dir(dir)?;
     let cert_path = dir.join(SERVER_CERT);
     let key_path = dir.join(SERVER_KEY);
@@ -405,7 +479,9 @@ pub fn make_server_files(dir: &Path, names: &[String], force: bool) -> Result<Se
     let mut sans = vec!["udp-encap-tun".to_string()];
     sans.extend(names.iter().cloned());
     let mut params = rcgen::CertificateParams::new(sans)?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, "udp-encap-tun server");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "udp-encap-tun server");
     let key = rcgen::KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
     write_file(&key_path, key.serialize_pem().as_bytes(), 0o600, force)?;
@@ -413,7 +489,12 @@ pub fn make_server_files(dir: &Path, names: &[String], force: bool) -> Result<Se
     if !clients.exists() {
         write_file(&clients, CLIENTS_HEADER.as_bytes(), 0o600, false)?;
     }
-    Ok(ServerFiles { cert: cert_path, key: key_path, clients, pin: sha256(cert.der().as_ref()) })
+    Ok(ServerFiles {
+        cert: cert_path,
+        key: key_path,
+        clients,
+        pin: sha256(cert.der().as_ref()),
+    })
 }
 
 /// Adds client `name` to `DIR/clients.txt` and writes its credential (with
@@ -440,8 +521,14 @@ pub fn add_client(dir: &Path, name: &str, out: Option<&Path>) -> Result<PathBuf,
         )));
     }
     let secret = random_secret()?;
-    let cred = ClientCredential { id: name.to_string(), secret, server_pin: Some(pin) };
-    let out = out.map(Path::to_path_buf).unwrap_or_else(|| dir.join(format!("{name}.credential")));
+    let cred = ClientCredential {
+        id: name.to_string(),
+        secret,
+        server_pin: Some(pin),
+    };
+    let out = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.join(format!("{name}.credential")));
     write_file(&out, cred.to_text().as_bytes(), 0o600, false)?;
     let mut new_text = text;
     if !new_text.is_empty() && !new_text.ends_with('\n') {
@@ -535,7 +622,11 @@ pub fn run_credentials_command(args: &CredentialsArgs) -> anyhow::Result<()> {
     match &args.action {
         CredentialsAction::Server { dir, san, force } => {
             let f = make_server_files(dir, san, *force)?;
-            println!("wrote {} and {} (mode 0600)", f.cert.display(), f.key.display());
+            println!(
+                "wrote {} and {} (mode 0600)",
+                f.cert.display(),
+                f.key.display()
+            );
             println!("client list: {}", f.clients.display());
             println!("server pin: {}", format_pin(&f.pin));
             if *force {
@@ -558,20 +649,34 @@ pub fn run_credentials_command(args: &CredentialsArgs) -> anyhow::Result<()> {
         CredentialsAction::Client { dir, name, out } => {
             let path = add_client(dir, name, out.as_deref())?;
             println!("added `{name}` to {}", dir.join(CLIENTS).display());
-            println!("wrote {} (mode 0600): copy it to the client, e.g.", path.display());
-            println!("  scp {} CLIENT:/etc/udp-encap-tun/{name}.credential", path.display());
-            println!("client: udp-encap-tun ... --endpoint-port PORT --credential /etc/udp-encap-tun/{name}.credential");
+            println!(
+                "wrote {} (mode 0600): copy it to the client, e.g.",
+                path.display()
+            );
+            println!(
+                "  scp {} CLIENT:/etc/udp-encap-tun/{name}.credential",
+                path.display()
+            );
+            println!(
+                "client: udp-encap-tun ... --endpoint-port PORT --credential /etc/udp-encap-tun/{name}.credential"
+            );
             println!("a running server picks the new client up by itself (or send it SIGHUP)");
         }
         CredentialsAction::Revoke { dir, name } => {
             if revoke_client(dir, name)? {
-                println!("revoked `{name}`: removed from {}", dir.join(CLIENTS).display());
+                println!(
+                    "revoked `{name}`: removed from {}",
+                    dir.join(CLIENTS).display()
+                );
                 println!(
                     "a running server refuses it from its next attempt (send SIGHUP to reload at once); \
                      its current lease ends within --entry-timeout"
                 );
             } else {
-                anyhow::bail!("no client `{name}` in {}; nothing revoked", dir.join(CLIENTS).display());
+                anyhow::bail!(
+                    "no client `{name}` in {}; nothing revoked",
+                    dir.join(CLIENTS).display()
+                );
             }
         }
         CredentialsAction::Pin { cert } => {

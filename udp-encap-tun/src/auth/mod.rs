@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 pub use client::{AuthClient, ClientAuthConfig, ServerTrust};
 pub use credentials::{
-    run_credentials_command, ClientCredential, ClientList, CredentialsAction, CredentialsArgs,
+    ClientCredential, ClientList, CredentialsAction, CredentialsArgs, run_credentials_command,
 };
 pub use ratelimit::RateLimitConfig;
 pub use server::{AuthServer, AuthServerHandle, ServerAuthConfig};
@@ -170,9 +170,18 @@ pub enum AuthError {
         source: std::io::Error,
     },
     #[error("{what} `{path}` line {line}: {msg}")]
-    Parse { what: &'static str, path: PathBuf, line: usize, msg: String },
+    Parse {
+        what: &'static str,
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
     #[error("{what} `{path}`: {msg}")]
-    BadFile { what: &'static str, path: PathBuf, msg: String },
+    BadFile {
+        what: &'static str,
+        path: PathBuf,
+        msg: String,
+    },
     /// Options that do not fit together; the message says which to give.
     #[error("{0}")]
     Config(String),
@@ -190,7 +199,9 @@ pub enum AuthError {
     TlsConfig(#[from] rustls::Error),
     #[error("making the certificate failed: {0}")]
     Rcgen(#[from] rcgen::Error),
-    #[error("cannot connect to {server} for authentication: {source} (is the server running and reachable through the uplink?)")]
+    #[error(
+        "cannot connect to {server} for authentication: {source} (is the server running and reachable through the uplink?)"
+    )]
     Connect {
         server: SocketAddrV4,
         #[source]
@@ -208,9 +219,15 @@ pub enum AuthError {
         source: std::io::Error,
     },
     #[error("{server} did not finish authentication within {after:?}")]
-    Timeout { server: SocketAddrV4, after: Duration },
+    Timeout {
+        server: SocketAddrV4,
+        after: Duration,
+    },
     #[error("{server} refused authentication: {reason}")]
-    Refused { server: SocketAddrV4, reason: Refused },
+    Refused {
+        server: SocketAddrV4,
+        reason: Refused,
+    },
     #[error("{server} sent an invalid answer: {source}")]
     Protocol {
         server: SocketAddrV4,
@@ -229,11 +246,17 @@ pub enum AuthMode {
 }
 
 fn missing(opts: &[(&'static str, bool)]) -> Vec<&'static str> {
-    opts.iter().filter(|(_, present)| !present).map(|(n, _)| *n).collect()
+    opts.iter()
+        .filter(|(_, present)| !present)
+        .map(|(n, _)| *n)
+        .collect()
 }
 
 fn present(opts: &[(&'static str, bool)]) -> Vec<&'static str> {
-    opts.iter().filter(|(_, present)| *present).map(|(n, _)| *n).collect()
+    opts.iter()
+        .filter(|(_, present)| *present)
+        .map(|(n, _)| *n)
+        .collect()
 }
 
 /// Checks the authentication options against the mode and loads what can be
@@ -251,7 +274,10 @@ pub fn auth_mode_from_args(run: &RunArgs) -> Result<AuthMode, AuthError> {
         ("--server-name", run.server_name.is_some()),
     ];
     if run.insecure_no_auth {
-        let given: Vec<_> = present(&server_opts).into_iter().chain(present(&client_opts)).collect();
+        let given: Vec<_> = present(&server_opts)
+            .into_iter()
+            .chain(present(&client_opts))
+            .collect();
         if !given.is_empty() {
             return Err(AuthError::Config(format!(
                 "--insecure-no-auth turns authentication off, but {} was given too; drop one or the other",

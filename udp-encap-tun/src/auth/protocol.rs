@@ -65,8 +65,7 @@ pub fn valid_id(id: &str) -> bool {
     !b.is_empty()
         && b.len() <= MAX_ID_LEN
         && b.first().is_some_and(|c| c.is_ascii_alphanumeric())
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
@@ -113,15 +112,19 @@ impl Hello {
         if !valid_id(id) {
             return Err(ProtoError::IdChars);
         }
-        Ok(Hello { id: id.to_string(), secret })
+        Ok(Hello {
+            id: id.to_string(),
+            secret,
+        })
     }
 
     /// Parses a complete hello held in memory (used by tests and tools).
     pub fn decode(b: &[u8]) -> Result<Hello, ProtoError> {
         let want_hdr = 2;
-        let (hdr, rest) = b
-            .split_first_chunk::<2>()
-            .ok_or(ProtoError::Truncated { got: b.len(), want: want_hdr })?;
+        let (hdr, rest) = b.split_first_chunk::<2>().ok_or(ProtoError::Truncated {
+            got: b.len(),
+            want: want_hdr,
+        })?;
         let id_len = Self::parse_header(*hdr)?;
         let want = 2 + id_len + SECRET_LEN;
         let (id, rest) = rest
@@ -150,7 +153,10 @@ impl Hello {
 /// The server's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    Granted { lease: Duration, addr: Ipv4Addr },
+    Granted {
+        lease: Duration,
+        addr: Ipv4Addr,
+    },
     Refused(Refused),
     /// The hello's version is not ours (the client learns which one we speak
     /// from the reply's version byte).
@@ -162,9 +168,11 @@ impl Reply {
     pub fn encode(&self) -> [u8; REPLY_LEN] {
         let (status, lease_ms, addr) = match self {
             // Leases longer than u32::MAX ms (49 days) are sent as that.
-            Reply::Granted { lease, addr } => {
-                (0, u32::try_from(lease.as_millis()).unwrap_or(u32::MAX), *addr)
-            }
+            Reply::Granted { lease, addr } => (
+                0,
+                u32::try_from(lease.as_millis()).unwrap_or(u32::MAX),
+                *addr,
+            ),
             Reply::Refused(Refused::BadCredential) => (1, 0, Ipv4Addr::UNSPECIFIED),
             Reply::Refused(Refused::PoolFull) => (2, 0, Ipv4Addr::UNSPECIFIED),
             Reply::Refused(Refused::Unavailable) => (3, 0, Ipv4Addr::UNSPECIFIED),
@@ -173,7 +181,9 @@ impl Reply {
         };
         let l = lease_ms.to_be_bytes();
         let a = addr.octets();
-        [VERSION, status, l[0], l[1], l[2], l[3], a[0], a[1], a[2], a[3]]
+        [
+            VERSION, status, l[0], l[1], l[2], l[3], a[0], a[1], a[2], a[3],
+        ]
     }
 
     pub fn decode(b: [u8; REPLY_LEN]) -> Result<Reply, ProtoError> {
@@ -228,7 +238,10 @@ mod tests {
 
     #[test]
     fn hello_round_trip_and_fixture() {
-        let h = Hello { id: "alice".into(), secret: SECRET };
+        let h = Hello {
+            id: "alice".into(),
+            secret: SECRET,
+        };
         let b = h.encode().expect("valid");
         assert_eq!(b.len(), 2 + 5 + 32);
         assert_eq!(b.get(..7), Some(&[1, 5, b'a', b'l', b'i', b'c', b'e'][..]));
@@ -237,24 +250,47 @@ mod tests {
 
     #[test]
     fn hello_rejects_bad_input() {
-        assert_eq!(Hello::decode(&[]), Err(ProtoError::Truncated { got: 0, want: 2 }));
+        assert_eq!(
+            Hello::decode(&[]),
+            Err(ProtoError::Truncated { got: 0, want: 2 })
+        );
         assert_eq!(Hello::decode(&[2, 5]), Err(ProtoError::Version(2)));
         assert_eq!(Hello::decode(&[1, 0]), Err(ProtoError::IdLength(0)));
         assert_eq!(Hello::decode(&[1, 65]), Err(ProtoError::IdLength(65)));
-        assert!(matches!(Hello::decode(&[1, 3, b'a', b'b']), Err(ProtoError::Truncated { .. })));
+        assert!(matches!(
+            Hello::decode(&[1, 3, b'a', b'b']),
+            Err(ProtoError::Truncated { .. })
+        ));
         let mut b = vec![1, 3, b'a', b' ', b'b'];
         b.extend_from_slice(&SECRET);
         assert_eq!(Hello::decode(&b), Err(ProtoError::IdChars));
         let mut b = vec![1, 2, 0xff, 0xfe];
         b.extend_from_slice(&SECRET);
         assert_eq!(Hello::decode(&b), Err(ProtoError::IdChars));
-        assert!(Hello { id: "#x".into(), secret: SECRET }.encode().is_err());
-        assert!(Hello { id: "x".repeat(65), secret: SECRET }.encode().is_err());
+        assert!(
+            Hello {
+                id: "#x".into(),
+                secret: SECRET
+            }
+            .encode()
+            .is_err()
+        );
+        assert!(
+            Hello {
+                id: "x".repeat(65),
+                secret: SECRET
+            }
+            .encode()
+            .is_err()
+        );
     }
 
     #[test]
     fn reply_round_trip_and_fixture() {
-        let g = Reply::Granted { lease: Duration::from_secs(300), addr: Ipv4Addr::new(10, 1, 2, 3) };
+        let g = Reply::Granted {
+            lease: Duration::from_secs(300),
+            addr: Ipv4Addr::new(10, 1, 2, 3),
+        };
         let b = g.encode();
         assert_eq!(b, [1, 0, 0, 0x04, 0x93, 0xe0, 10, 1, 2, 3]);
         assert_eq!(Reply::decode(b), Ok(g));
@@ -267,22 +303,45 @@ mod tests {
         ] {
             assert_eq!(Reply::decode(r.encode()), Ok(r));
         }
-        assert_eq!(Reply::decode([1, 9, 0, 0, 0, 0, 0, 0, 0, 0]), Err(ProtoError::Status(9)));
-        assert_eq!(Reply::decode([0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Err(ProtoError::Version(0)));
-        let huge = Reply::Granted { lease: Duration::from_secs(u64::MAX / 4), addr: Ipv4Addr::LOCALHOST };
+        assert_eq!(
+            Reply::decode([1, 9, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(ProtoError::Status(9))
+        );
+        assert_eq!(
+            Reply::decode([0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(ProtoError::Version(0))
+        );
+        let huge = Reply::Granted {
+            lease: Duration::from_secs(u64::MAX / 4),
+            addr: Ipv4Addr::LOCALHOST,
+        };
         assert_eq!(huge.encode().get(2..6), Some(&[0xff; 4][..]));
     }
 
     #[tokio::test]
     async fn readers_are_bounded_and_report_truncation() {
-        let mut b = Hello { id: "bob".into(), secret: SECRET }.encode().expect("valid");
+        let mut b = Hello {
+            id: "bob".into(),
+            secret: SECRET,
+        }
+        .encode()
+        .expect("valid");
         b.extend_from_slice(b"trailing bytes are left unread");
         let mut r = &b[..];
-        assert_eq!(Hello::read(&mut r).await.map(|h| h.id), Ok("bob".to_string()));
+        assert_eq!(
+            Hello::read(&mut r).await.map(|h| h.id),
+            Ok("bob".to_string())
+        );
         assert_eq!(r, b"trailing bytes are left unread");
         let mut r = &[1u8, 3, b'b'][..];
-        assert_eq!(Hello::read(&mut r).await, Err(ProtoError::Truncated { got: 1, want: 3 }));
+        assert_eq!(
+            Hello::read(&mut r).await,
+            Err(ProtoError::Truncated { got: 1, want: 3 })
+        );
         let mut r = &[1u8, 0, 0][..];
-        assert_eq!(Reply::read(&mut r).await, Err(ProtoError::Truncated { got: 3, want: 10 }));
+        assert_eq!(
+            Reply::read(&mut r).await,
+            Err(ProtoError::Truncated { got: 3, want: 10 })
+        );
     }
 }

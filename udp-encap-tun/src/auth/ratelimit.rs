@@ -26,7 +26,11 @@ impl Default for RateLimitConfig {
         // costs a user little, a password guesser gets 5 tries a minute (and
         // the secrets are 256-bit random anyway: the limit is about CPU spent
         // on TLS handshakes and log noise).
-        RateLimitConfig { burst: 5, refill: Duration::from_secs(12), max_sources: 4096 }
+        RateLimitConfig {
+            burst: 5,
+            refill: Duration::from_secs(12),
+            max_sources: 4096,
+        }
     }
 }
 
@@ -45,7 +49,10 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(cfg: RateLimitConfig) -> RateLimiter {
-        RateLimiter { cfg, sources: HashMap::new() }
+        RateLimiter {
+            cfg,
+            sources: HashMap::new(),
+        }
     }
 
     fn refill(cfg: &RateLimitConfig, b: &mut Bucket, now: Instant) {
@@ -87,10 +94,10 @@ impl RateLimiter {
         if !self.sources.contains_key(&ip) && self.sources.len() >= cfg.max_sources {
             self.make_room(now);
         }
-        let b = self
-            .sources
-            .entry(ip)
-            .or_insert(Bucket { tokens: cfg.burst, last: now });
+        let b = self.sources.entry(ip).or_insert(Bucket {
+            tokens: cfg.burst,
+            last: now,
+        });
         Self::refill(&cfg, b, now);
         b.tokens = b.tokens.saturating_sub(1);
     }
@@ -103,7 +110,11 @@ impl RateLimiter {
         });
         if self.sources.len() >= cfg.max_sources {
             // Still full of limited sources: forget the least recently updated.
-            let oldest = self.sources.iter().min_by_key(|(_, b)| b.last).map(|(ip, _)| *ip);
+            let oldest = self
+                .sources
+                .iter()
+                .min_by_key(|(_, b)| b.last)
+                .map(|(ip, _)| *ip);
             if let Some(ip) = oldest {
                 self.sources.remove(&ip);
             }
@@ -123,7 +134,11 @@ mod tests {
     const B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 
     fn cfg() -> RateLimitConfig {
-        RateLimitConfig { burst: 3, refill: Duration::from_secs(10), max_sources: 2 }
+        RateLimitConfig {
+            burst: 3,
+            refill: Duration::from_secs(10),
+            max_sources: 2,
+        }
     }
 
     #[test]
@@ -137,7 +152,10 @@ mod tests {
         assert!(!rl.allowed(A, t0), "burst used up");
         assert!(rl.allowed(B, t0), "other sources are not affected");
         assert!(!rl.allowed(A, t0 + Duration::from_secs(9)));
-        assert!(rl.allowed(A, t0 + Duration::from_secs(10)), "one token back");
+        assert!(
+            rl.allowed(A, t0 + Duration::from_secs(10)),
+            "one token back"
+        );
         rl.failure(A, t0 + Duration::from_secs(10));
         assert!(!rl.allowed(A, t0 + Duration::from_secs(19)));
         assert!(rl.allowed(A, t0 + Duration::from_secs(20)));
@@ -155,12 +173,24 @@ mod tests {
         let t0 = Instant::now();
         let mut rl = RateLimiter::new(cfg());
         for i in 0..100u32 {
-            rl.failure(Ipv4Addr::from(0x0a00_0000 + i), t0 + Duration::from_millis(u64::from(i)));
+            rl.failure(
+                Ipv4Addr::from(0x0a00_0000 + i),
+                t0 + Duration::from_millis(u64::from(i)),
+            );
         }
         assert!(rl.tracked() <= 2);
         // The most recent sources are the ones still tracked.
-        rl.failure(Ipv4Addr::from(0x0a00_0000 + 99), t0 + Duration::from_millis(100));
-        rl.failure(Ipv4Addr::from(0x0a00_0000 + 99), t0 + Duration::from_millis(100));
-        assert!(!rl.allowed(Ipv4Addr::from(0x0a00_0000 + 99), t0 + Duration::from_millis(100)));
+        rl.failure(
+            Ipv4Addr::from(0x0a00_0000 + 99),
+            t0 + Duration::from_millis(100),
+        );
+        rl.failure(
+            Ipv4Addr::from(0x0a00_0000 + 99),
+            t0 + Duration::from_millis(100),
+        );
+        assert!(!rl.allowed(
+            Ipv4Addr::from(0x0a00_0000 + 99),
+            t0 + Duration::from_millis(100)
+        ));
     }
 }

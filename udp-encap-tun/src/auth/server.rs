@@ -24,11 +24,11 @@ use rustls::ServerConfig;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
-use super::credentials::{load_certs, load_key, ClientList, Verdict};
-use super::protocol::{Hello, ProtoError, Reply, ALPN};
+use super::credentials::{ClientList, Verdict, load_certs, load_key};
+use super::protocol::{ALPN, Hello, ProtoError, Reply};
 use super::ratelimit::{RateLimitConfig, RateLimiter};
 use super::{AuthError, AuthRequest, AuthStats, Clock, Granted, Refused, SystemClock};
 use crate::counters::{Counters, Discard};
@@ -52,7 +52,12 @@ pub struct ServerAuthConfig {
 }
 
 impl ServerAuthConfig {
-    pub fn new(cert: PathBuf, key: PathBuf, clients: PathBuf, timeout: Duration) -> ServerAuthConfig {
+    pub fn new(
+        cert: PathBuf,
+        key: PathBuf,
+        clients: PathBuf,
+        timeout: Duration,
+    ) -> ServerAuthConfig {
         ServerAuthConfig {
             cert,
             key,
@@ -144,7 +149,11 @@ fn socket_err(what: String, hint: &str) -> impl FnOnce(io::Error) -> AuthError +
     move |source| AuthError::Socket {
         what,
         source,
-        hint: if hint.is_empty() { String::new() } else { format!("; {hint}") },
+        hint: if hint.is_empty() {
+            String::new()
+        } else {
+            format!("; {hint}")
+        },
     }
 }
 
@@ -185,13 +194,21 @@ impl AuthServer {
                 cfg.clients.display()
             );
         } else {
-            log::info!("client list `{}`: {} clients", cfg.clients.display(), list.len());
+            log::info!(
+                "client list `{}`: {} clients",
+                cfg.clients.display(),
+                list.len()
+            );
         }
         let listener = listen(addr, uplink)?;
         let shared = Arc::new(Shared {
             acceptor,
             clients_path: cfg.clients.clone(),
-            clients: Mutex::new(ClientsState { list: Arc::new(list), stamp, bad_stamp: None }),
+            clients: Mutex::new(ClientsState {
+                list: Arc::new(list),
+                stamp,
+                bad_stamp: None,
+            }),
             limiter: Mutex::new(RateLimiter::new(cfg.rate_limit)),
             per_source: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
@@ -209,7 +226,9 @@ impl AuthServer {
     }
 
     pub fn handle(&self) -> AuthServerHandle {
-        AuthServerHandle { shared: self.shared.clone() }
+        AuthServerHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     pub fn stats(&self) -> Arc<AuthStats> {
@@ -226,7 +245,9 @@ impl AuthServer {
         let listener = match TcpListener::from_std(self.listener) {
             Ok(l) => l,
             Err(e) => {
-                log::error!("authentication listener cannot join the runtime: {e}; no client can authenticate");
+                log::error!(
+                    "authentication listener cannot join the runtime: {e}; no client can authenticate"
+                );
                 return std::future::pending().await;
             }
         };
@@ -243,22 +264,35 @@ impl AuthServer {
             };
             let SocketAddr::V4(peer) = peer else { continue };
             if !lock(&shared.limiter).allowed(*peer.ip(), shared.clock.now()) {
-                log::debug!("authentication from {peer} refused: rate limited after failed attempts");
+                log::debug!(
+                    "authentication from {peer} refused: rate limited after failed attempts"
+                );
                 refuse_now(&shared, &stream, &shared.stats.rate_limited);
                 continue;
             }
             let Some(slot) = SourceSlot::acquire(&shared, *peer.ip()) else {
-                log::debug!("authentication from {peer} refused: too many connections from that address");
+                log::debug!(
+                    "authentication from {peer} refused: too many connections from that address"
+                );
                 refuse_now(&shared, &stream, &shared.stats.too_many_connections);
                 continue;
             };
             let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-                log::debug!("authentication from {peer} refused: too many authentication connections");
+                log::debug!(
+                    "authentication from {peer} refused: too many authentication connections"
+                );
                 refuse_now(&shared, &stream, &shared.stats.too_many_connections);
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            tokio::spawn(serve(shared.clone(), stream, peer, requests.clone(), permit, slot));
+            tokio::spawn(serve(
+                shared.clone(),
+                stream,
+                peer,
+                requests.clone(),
+                permit,
+                slot,
+            ));
         }
     }
 }
@@ -312,8 +346,10 @@ fn listen(addr: SocketAddrV4, uplink: Option<&str>) -> Result<std::net::TcpListe
     let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
         .map_err(socket_err("create the authentication socket".into(), ""))?;
     // Restart while connections of the previous run sit in TIME_WAIT.
-    sock.set_reuse_address(true)
-        .map_err(socket_err("set SO_REUSEADDR on the authentication socket".into(), ""))?;
+    sock.set_reuse_address(true).map_err(socket_err(
+        "set SO_REUSEADDR on the authentication socket".into(),
+        "",
+    ))?;
     if let Some(dev) = uplink {
         sock.bind_device(Some(dev.as_bytes())).map_err(|e| {
             let hint = match e.raw_os_error() {
@@ -321,21 +357,33 @@ fn listen(addr: SocketAddrV4, uplink: Option<&str>) -> Result<std::net::TcpListe
                 Some(libc::ENODEV) => "no such interface: check --bind-to-interface (`ip link`)",
                 _ => "",
             };
-            socket_err(format!("bind the authentication socket to interface `{dev}`"), hint)(e)
+            socket_err(
+                format!("bind the authentication socket to interface `{dev}`"),
+                hint,
+            )(e)
         })?;
     }
     sock.bind(&SocketAddr::V4(addr).into()).map_err(|e| {
         let hint = match e.raw_os_error() {
-            Some(libc::EADDRINUSE) => "another program (another udp-encap-tun?) listens on it: `ss -ltnp`",
+            Some(libc::EADDRINUSE) => {
+                "another program (another udp-encap-tun?) listens on it: `ss -ltnp`"
+            }
             Some(libc::EACCES) => "ports below 1024 need root or CAP_NET_BIND_SERVICE",
             _ => "",
         };
-        socket_err(format!("listen for authentication on TCP port {port}"), hint)(e)
+        socket_err(
+            format!("listen for authentication on TCP port {port}"),
+            hint,
+        )(e)
     })?;
-    sock.listen(128)
-        .map_err(socket_err(format!("listen for authentication on TCP port {port}"), ""))?;
-    sock.set_nonblocking(true)
-        .map_err(socket_err("make the authentication socket non-blocking".into(), ""))?;
+    sock.listen(128).map_err(socket_err(
+        format!("listen for authentication on TCP port {port}"),
+        "",
+    ))?;
+    sock.set_nonblocking(true).map_err(socket_err(
+        "make the authentication socket non-blocking".into(),
+        "",
+    ))?;
     Ok(sock.into())
 }
 
@@ -361,7 +409,10 @@ impl SourceSlot {
             return None;
         }
         *n += 1;
-        Some(SourceSlot { shared: shared.clone(), ip })
+        Some(SourceSlot {
+            shared: shared.clone(),
+            ip,
+        })
     }
 }
 
@@ -393,7 +444,9 @@ impl Shared {
         match &f {
             Failure::BadCredential { id, unknown: true } => {
                 AuthStats::bump(&s.bad_credential);
-                log::info!("authentication from {peer} failed: unknown client id `{id}` (revoked, or never added)");
+                log::info!(
+                    "authentication from {peer} failed: unknown client id `{id}` (revoked, or never added)"
+                );
             }
             Failure::BadCredential { id, unknown: false } => {
                 AuthStats::bump(&s.bad_credential);
@@ -409,7 +462,10 @@ impl Shared {
             }
             Failure::Timeout => {
                 AuthStats::bump(&s.timeout);
-                log::info!("authentication from {peer} failed: not finished within {:?}", self.timeout);
+                log::info!(
+                    "authentication from {peer} failed: not finished within {:?}",
+                    self.timeout
+                );
             }
             Failure::ClosedEarly => {
                 AuthStats::bump(&s.closed_early);
@@ -497,14 +553,16 @@ fn classify_handshake(e: &io::Error) -> Failure {
         return match te {
             rustls::Error::InvalidMessage(_)
             | rustls::Error::InappropriateMessage { .. }
-            | rustls::Error::InappropriateHandshakeMessage { .. } => Failure::Garbage(te.to_string()),
+            | rustls::Error::InappropriateHandshakeMessage { .. } => {
+                Failure::Garbage(te.to_string())
+            }
             _ => Failure::Tls(te.to_string()),
         };
     }
     match e.kind() {
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
-            Failure::ClosedEarly
-        }
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe => Failure::ClosedEarly,
         _ => Failure::Tls(e.to_string()),
     }
 }
@@ -520,7 +578,11 @@ async fn serve(
     let deadline = shared.timeout;
     // Phase 1, under the deadline: TLS handshake and the hello.
     let phase1 = tokio::time::timeout(deadline, async {
-        let mut tls = shared.acceptor.accept(stream).await.map_err(|e| Err(classify_handshake(&e)))?;
+        let mut tls = shared
+            .acceptor
+            .accept(stream)
+            .await
+            .map_err(|e| Err(classify_handshake(&e)))?;
         match Hello::read(&mut tls).await {
             Ok(h) => Ok((tls, h)),
             Err(ProtoError::Truncated { .. }) => Err(Err(Failure::ClosedEarly)),
@@ -547,7 +609,13 @@ async fn serve(
     let reply = match shared.check(&hello) {
         Verdict::Valid => ask_daemon(&shared, &requests, peer, &hello.id).await,
         v => {
-            shared.fail(peer, Failure::BadCredential { id: hello.id.clone(), unknown: v == Verdict::UnknownId });
+            shared.fail(
+                peer,
+                Failure::BadCredential {
+                    id: hello.id.clone(),
+                    unknown: v == Verdict::UnknownId,
+                },
+            );
             Reply::Refused(Refused::BadCredential)
         }
     };
@@ -564,7 +632,11 @@ async fn ask_daemon(
     id: &str,
 ) -> Reply {
     let (tx, rx) = oneshot::channel();
-    let req = AuthRequest { peer, client_id: id.to_string(), reply: tx };
+    let req = AuthRequest {
+        peer,
+        client_id: id.to_string(),
+        reply: tx,
+    };
     let answer = tokio::time::timeout(shared.timeout, async {
         requests.send(req).await.map_err(|_| Refused::Unavailable)?;
         rx.await.map_err(|_| Refused::Unavailable)?
@@ -585,7 +657,10 @@ async fn ask_daemon(
     }
 }
 
-async fn send_reply<S: tokio::io::AsyncWrite + Unpin>(tls: &mut S, reply: &Reply) -> io::Result<()> {
+async fn send_reply<S: tokio::io::AsyncWrite + Unpin>(
+    tls: &mut S,
+    reply: &Reply,
+) -> io::Result<()> {
     tls.write_all(&reply.encode()).await?;
     tls.flush().await?;
     tls.shutdown().await

@@ -126,15 +126,28 @@ fn start_server(cfg: ServerAuthConfig, port: u16, daemon: Daemon) -> TestServer 
     let seen2 = seen.clone();
     tokio::spawn(async move {
         while let Some(req) = rx.recv().await {
-            seen2.lock().expect("seen").push((req.peer, req.client_id.clone()));
+            seen2
+                .lock()
+                .expect("seen")
+                .push((req.peer, req.client_id.clone()));
             let _ = req.reply.send(match daemon {
-                Daemon::Grant => Ok(Granted { addr: GIVEN, lease: LEASE }),
+                Daemon::Grant => Ok(Granted {
+                    addr: GIVEN,
+                    lease: LEASE,
+                }),
                 Daemon::PoolFull => Err(Refused::PoolFull),
             });
         }
     });
     let task = tokio::spawn(srv.run(tx));
-    TestServer { addr, handle, task, seen, counters, clock }
+    TestServer {
+        addr,
+        handle,
+        task,
+        seen,
+        counters,
+        clock,
+    }
 }
 
 /// A port that was free a moment ago (the client's `--listen-port`).
@@ -146,9 +159,15 @@ fn free_port(ip: Ipv4Addr) -> u16 {
 }
 
 fn client_from(cred: &Path, src: Ipv4Addr, server: &TestServer) -> AuthClient {
-    let cfg = ClientAuthConfig::load(cred, None, None, Duration::from_secs(30)).expect("credential loads");
-    AuthClient::with_local(cfg, SocketAddrV4::new(src, free_port(src)), None, server.addr.port())
-        .expect("client config")
+    let cfg = ClientAuthConfig::load(cred, None, None, Duration::from_secs(30))
+        .expect("credential loads");
+    AuthClient::with_local(
+        cfg,
+        SocketAddrV4::new(src, free_port(src)),
+        None,
+        server.addr.port(),
+    )
+    .expect("client config")
 }
 
 /// The server directory with alice in it; returns alice's credential path.
@@ -202,14 +221,27 @@ async fn good_credential_is_granted() {
     let cred = setup(&dir);
     let srv = start_server(server_cfg(dir.path()), 0, Daemon::Grant);
     let client = client_from(&cred, Ipv4Addr::LOCALHOST, &srv);
-    let lease = client.authenticate(Ipv4Addr::LOCALHOST).await.expect("granted");
-    assert_eq!(lease, Lease { duration: LEASE, addr: GIVEN });
+    let lease = client
+        .authenticate(Ipv4Addr::LOCALHOST)
+        .await
+        .expect("granted");
+    assert_eq!(
+        lease,
+        Lease {
+            duration: LEASE,
+            addr: GIVEN
+        }
+    );
     let seen = srv.seen();
     assert_eq!(seen.len(), 1);
     let (peer, id) = seen.first().cloned().expect("one request");
     assert_eq!(id, "alice");
     assert_eq!(*peer.ip(), Ipv4Addr::LOCALHOST);
-    assert_eq!(peer.port(), client.local_addr().port(), "the entry is keyed by the client's listen port");
+    assert_eq!(
+        peer.port(),
+        client.local_addr().port(),
+        "the entry is keyed by the client's listen port"
+    );
     wait_for("granted counted", || srv.stat(|s| &s.granted) == 1).await;
     assert_eq!(srv.failures(), 0);
     assert_eq!(client.stats().granted.load(Ordering::Relaxed), 1);
@@ -227,9 +259,17 @@ async fn wrong_secret_and_unknown_id_are_refused() {
     wrong.secret[0] ^= 1;
     let p = dir.path().join("wrong.credential");
     credentials::write_file(&p, wrong.to_text().as_bytes(), 0o600, false).expect("write");
-    let err = client_from(&p, Ipv4Addr::LOCALHOST, &srv).authenticate(Ipv4Addr::LOCALHOST).await;
+    let err = client_from(&p, Ipv4Addr::LOCALHOST, &srv)
+        .authenticate(Ipv4Addr::LOCALHOST)
+        .await;
     assert!(
-        matches!(err, Err(AuthError::Refused { reason: Refused::BadCredential, .. })),
+        matches!(
+            err,
+            Err(AuthError::Refused {
+                reason: Refused::BadCredential,
+                ..
+            })
+        ),
         "{err:?}"
     );
 
@@ -240,13 +280,18 @@ async fn wrong_secret_and_unknown_id_are_refused() {
     };
     let p = dir.path().join("mallory.credential");
     credentials::write_file(&p, mallory.to_text().as_bytes(), 0o600, false).expect("write");
-    let err = client_from(&p, Ipv4Addr::LOCALHOST, &srv).authenticate(Ipv4Addr::LOCALHOST).await;
+    let err = client_from(&p, Ipv4Addr::LOCALHOST, &srv)
+        .authenticate(Ipv4Addr::LOCALHOST)
+        .await;
     let msg = format!("{}", err.as_ref().expect_err("refused"));
     assert!(msg.contains("unknown client id or wrong secret"), "{msg}");
 
     assert_eq!(srv.stat(|s| &s.bad_credential), 2);
     assert_eq!(srv.failures(), 2);
-    assert!(srv.seen().is_empty(), "the daemon never hears of bad credentials");
+    assert!(
+        srv.seen().is_empty(),
+        "the daemon never hears of bad credentials"
+    );
     srv.stop().await;
 }
 
@@ -256,7 +301,10 @@ async fn revoked_client_cannot_renew_and_new_clients_need_no_restart() {
     let alice = setup(&dir);
     let srv = start_server(server_cfg(dir.path()), 0, Daemon::Grant);
     let client = client_from(&alice, Ipv4Addr::LOCALHOST, &srv);
-    client.authenticate(Ipv4Addr::LOCALHOST).await.expect("granted before revocation");
+    client
+        .authenticate(Ipv4Addr::LOCALHOST)
+        .await
+        .expect("granted before revocation");
 
     // Added while the server runs: picked up by itself (file change).
     let bob = add_client(dir.path(), "bob", None).expect("bob added");
@@ -270,7 +318,16 @@ async fn revoked_client_cannot_renew_and_new_clients_need_no_restart() {
     assert!(!srv.handle.is_known_client("alice"));
     assert!(srv.handle.is_known_client("bob"));
     let err = client.authenticate(Ipv4Addr::LOCALHOST).await;
-    assert!(matches!(err, Err(AuthError::Refused { reason: Refused::BadCredential, .. })), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Err(AuthError::Refused {
+                reason: Refused::BadCredential,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
 
     // A broken list keeps the previous one in force.
     std::fs::write(dir.path().join(credentials::CLIENTS), "bob not-a-hash\n").expect("write");
@@ -297,9 +354,15 @@ async fn client_refuses_a_server_with_another_certificate() {
         .expect_err("the pin does not match");
     let msg = format!("{err}");
     assert!(matches!(err, AuthError::Tls { .. }), "{err:?}");
-    assert!(msg.contains(&format_pin(&[0xab; 32])), "names the expected pin: {msg}");
+    assert!(
+        msg.contains(&format_pin(&[0xab; 32])),
+        "names the expected pin: {msg}"
+    );
     // The secret never left the client: the server saw a TLS failure only.
-    wait_for("server counts the TLS error", || srv.stat(|s| &s.tls_error) == 1).await;
+    wait_for("server counts the TLS error", || {
+        srv.stat(|s| &s.tls_error) == 1
+    })
+    .await;
     assert_eq!(srv.stat(|s| &s.bad_credential), 0);
     assert_eq!(srv.failures(), 1);
     assert!(srv.seen().is_empty());
@@ -313,12 +376,16 @@ async fn garbage_is_counted_and_the_server_keeps_serving() {
     let srv = start_server(server_cfg(dir.path()), 0, Daemon::Grant);
 
     let mut s = raw_connect(Ipv4Addr::LOCALHOST, srv.addr).await;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await.expect("write");
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
     read_until_closed(&mut s).await;
 
     // A TLS record header announcing a record far beyond the limit.
     let mut s = raw_connect(Ipv4Addr::LOCALHOST, srv.addr).await;
-    s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0]).await.expect("write");
+    s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0])
+        .await
+        .expect("write");
     read_until_closed(&mut s).await;
 
     // Connect and leave: a port scanner.
@@ -365,7 +432,10 @@ async fn concurrent_connections_are_bounded_per_source_and_in_total() {
             silent.push(s);
         }
     }
-    wait_for("per-source refusals", || srv.stat(|s| &s.too_many_connections) == 2).await;
+    wait_for("per-source refusals", || {
+        srv.stat(|s| &s.too_many_connections) == 2
+    })
+    .await;
     client_from(&cred, Ipv4Addr::LOCALHOST, &srv)
         .authenticate(Ipv4Addr::LOCALHOST)
         .await
@@ -376,13 +446,24 @@ async fn concurrent_connections_are_bounded_per_source_and_in_total() {
     if let Ok(mut over) = try_connect(Ipv4Addr::new(127, 0, 0, 4), srv.addr).await {
         read_until_closed(&mut over).await;
     }
-    wait_for("total bound refusal", || srv.stat(|s| &s.too_many_connections) == 3).await;
-    let err = client_from(&cred, Ipv4Addr::LOCALHOST, &srv).authenticate(Ipv4Addr::LOCALHOST).await;
-    assert!(matches!(err, Err(AuthError::ClosedByServer { .. })), "{err:?}");
+    wait_for("total bound refusal", || {
+        srv.stat(|s| &s.too_many_connections) == 3
+    })
+    .await;
+    let err = client_from(&cred, Ipv4Addr::LOCALHOST, &srv)
+        .authenticate(Ipv4Addr::LOCALHOST)
+        .await;
+    assert!(
+        matches!(err, Err(AuthError::ClosedByServer { .. })),
+        "{err:?}"
+    );
 
     // The slots come back when the silent connections go.
     drop(silent);
-    wait_for("silent connections gone", || srv.stat(|s| &s.closed_early) == 3).await;
+    wait_for("silent connections gone", || {
+        srv.stat(|s| &s.closed_early) == 3
+    })
+    .await;
     client_from(&cred, Ipv4Addr::LOCALHOST, &srv)
         .authenticate(Ipv4Addr::LOCALHOST)
         .await
@@ -395,7 +476,11 @@ async fn failed_attempts_are_rate_limited_per_source() {
     let dir = TestDir::new("ratelimit");
     let cred_path = setup(&dir);
     let mut cfg = server_cfg(dir.path());
-    cfg.rate_limit = RateLimitConfig { burst: 2, refill: Duration::from_secs(60), max_sources: 16 };
+    cfg.rate_limit = RateLimitConfig {
+        burst: 2,
+        refill: Duration::from_secs(60),
+        max_sources: 16,
+    };
     let srv = start_server(cfg, 0, Daemon::Grant);
     let mut wrong = ClientCredential::load(&cred_path).expect("loads");
     wrong.secret[31] ^= 0x80;
@@ -404,13 +489,18 @@ async fn failed_attempts_are_rate_limited_per_source() {
 
     let guesser = Ipv4Addr::new(127, 0, 0, 5);
     for _ in 0..2 {
-        let err = client_from(&wrong_path, guesser, &srv).authenticate(Ipv4Addr::LOCALHOST).await;
+        let err = client_from(&wrong_path, guesser, &srv)
+            .authenticate(Ipv4Addr::LOCALHOST)
+            .await;
         assert!(matches!(err, Err(AuthError::Refused { .. })), "{err:?}");
     }
     // Burst used up: even the right credential is refused from that address.
     let good_from_guesser = client_from(&cred_path, guesser, &srv);
     let err = good_from_guesser.authenticate(Ipv4Addr::LOCALHOST).await;
-    assert!(matches!(err, Err(AuthError::ClosedByServer { .. })), "{err:?}");
+    assert!(
+        matches!(err, Err(AuthError::ClosedByServer { .. })),
+        "{err:?}"
+    );
     assert_eq!(srv.stat(|s| &s.rate_limited), 1);
     assert_eq!(srv.failures(), 3);
     // Other addresses are not affected.
@@ -458,10 +548,25 @@ async fn daemon_refusal_reaches_the_client() {
     let dir = TestDir::new("poolfull");
     let cred = setup(&dir);
     let srv = start_server(server_cfg(dir.path()), 0, Daemon::PoolFull);
-    let err = client_from(&cred, Ipv4Addr::LOCALHOST, &srv).authenticate(Ipv4Addr::LOCALHOST).await;
-    assert!(matches!(err, Err(AuthError::Refused { reason: Refused::PoolFull, .. })), "{err:?}");
+    let err = client_from(&cred, Ipv4Addr::LOCALHOST, &srv)
+        .authenticate(Ipv4Addr::LOCALHOST)
+        .await;
+    assert!(
+        matches!(
+            err,
+            Err(AuthError::Refused {
+                reason: Refused::PoolFull,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
     wait_for("refusal counted", || srv.stat(|s| &s.refused) == 1).await;
-    assert_eq!(srv.failures(), 0, "not an authentication failure: the daemon counts pool_full");
+    assert_eq!(
+        srv.failures(),
+        0,
+        "not an authentication failure: the daemon counts pool_full"
+    );
     srv.stop().await;
 }
 
@@ -473,27 +578,50 @@ async fn client_can_trust_a_ca_instead_of_a_pin() {
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test CA");
     let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let srv_key = rcgen::KeyPair::generate().expect("key");
     let srv_params =
         rcgen::CertificateParams::new(vec!["auth.example".to_string()]).expect("params");
-    let srv_cert = srv_params.signed_by(&srv_key, &issuer).expect("server cert");
+    let srv_cert = srv_params
+        .signed_by(&srv_key, &issuer)
+        .expect("server cert");
     let ca_file = dir.path().join("ca.crt");
     std::fs::write(&ca_file, ca_cert.pem()).expect("write");
     std::fs::write(dir.path().join(credentials::SERVER_CERT), srv_cert.pem()).expect("write");
-    std::fs::write(dir.path().join(credentials::SERVER_KEY), srv_key.serialize_pem()).expect("write");
+    std::fs::write(
+        dir.path().join(credentials::SERVER_KEY),
+        srv_key.serialize_pem(),
+    )
+    .expect("write");
     let srv = start_server(server_cfg(dir.path()), 0, Daemon::Grant);
 
     let connect = |name: &str| {
-        let cfg = ClientAuthConfig::load(&cred_path, Some(&ca_file), Some(name.into()), Duration::from_secs(30))
-            .expect("loads");
-        AuthClient::with_local(cfg, SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)), None, srv.addr.port())
-            .expect("client")
+        let cfg = ClientAuthConfig::load(
+            &cred_path,
+            Some(&ca_file),
+            Some(name.into()),
+            Duration::from_secs(30),
+        )
+        .expect("loads");
+        AuthClient::with_local(
+            cfg,
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)),
+            None,
+            srv.addr.port(),
+        )
+        .expect("client")
     };
-    connect("auth.example").authenticate(Ipv4Addr::LOCALHOST).await.expect("CA-verified");
-    let err = connect("other.example").authenticate(Ipv4Addr::LOCALHOST).await;
+    connect("auth.example")
+        .authenticate(Ipv4Addr::LOCALHOST)
+        .await
+        .expect("CA-verified");
+    let err = connect("other.example")
+        .authenticate(Ipv4Addr::LOCALHOST)
+        .await;
     assert!(matches!(err, Err(AuthError::Tls { .. })), "{err:?}");
     srv.stop().await;
 }
@@ -501,14 +629,27 @@ async fn client_can_trust_a_ca_instead_of_a_pin() {
 #[test]
 fn file_formats_round_trip() {
     let p = Path::new("test");
-    let cred = ClientCredential { id: "alice.laptop-2".into(), secret: [0x5a; 32], server_pin: Some([0x01; 32]) };
+    let cred = ClientCredential {
+        id: "alice.laptop-2".into(),
+        secret: [0x5a; 32],
+        server_pin: Some([0x01; 32]),
+    };
     let text = cred.to_text();
     assert!(text.contains(&format!("secret = {}", "5a".repeat(32))));
     assert!(text.contains(&format!("server-pin = sha256:{}", "01".repeat(32))));
     assert_eq!(ClientCredential::parse(&text, p).expect("parses"), cred);
-    assert!(!format!("{cred:?}").contains("5a5a"), "Debug hides the secret");
-    let no_pin = ClientCredential { server_pin: None, ..cred.clone() };
-    assert_eq!(ClientCredential::parse(&no_pin.to_text(), p).expect("parses"), no_pin);
+    assert!(
+        !format!("{cred:?}").contains("5a5a"),
+        "Debug hides the secret"
+    );
+    let no_pin = ClientCredential {
+        server_pin: None,
+        ..cred.clone()
+    };
+    assert_eq!(
+        ClientCredential::parse(&no_pin.to_text(), p).expect("parses"),
+        no_pin
+    );
 
     for (bad, why) in [
         ("id = a\n", "no secret"),
@@ -530,7 +671,10 @@ fn file_formats_round_trip() {
     let line = ClientList::line("carol", &secret);
     let list = ClientList::parse(&line, p).expect("parses");
     assert_eq!(list.check("carol", &secret), credentials::Verdict::Valid);
-    assert_eq!(list.check("carol", &[8; 32]), credentials::Verdict::WrongSecret);
+    assert_eq!(
+        list.check("carol", &[8; 32]),
+        credentials::Verdict::WrongSecret
+    );
     assert_eq!(list.check("dave", &secret), credentials::Verdict::UnknownId);
 
     for (bad, line_no) in [
@@ -545,7 +689,10 @@ fn file_formats_round_trip() {
             other => panic!("{bad}: {other:?}"),
         }
     }
-    assert_eq!(credentials::parse_pin(&format_pin(&[0xc3; 32])), Some([0xc3; 32]));
+    assert_eq!(
+        credentials::parse_pin(&format_pin(&[0xc3; 32])),
+        Some([0xc3; 32])
+    );
     assert_eq!(credentials::unhex32(&"g".repeat(64)), None);
 }
 
@@ -556,19 +703,37 @@ async fn credentials_subcommand_makes_working_files_with_private_modes() {
     let run = |args: &[&str]| {
         let mut argv = vec!["udp-encap-tun", "credentials"];
         argv.extend_from_slice(args);
-        match crate::cli::Cli::try_parse_from(argv).expect("parses").command {
+        match crate::cli::Cli::try_parse_from(argv)
+            .expect("parses")
+            .command
+        {
             Some(crate::cli::Command::Credentials(a)) => run_credentials_command(&a),
             other => panic!("{other:?}"),
         }
     };
     let ds = d.to_str().expect("utf-8 path");
     run(&["server", "--dir", ds, "--san", "127.0.0.1"]).expect("server files");
-    assert!(run(&["server", "--dir", ds]).is_err(), "refuses to replace the certificate");
+    assert!(
+        run(&["server", "--dir", ds]).is_err(),
+        "refuses to replace the certificate"
+    );
     run(&["client", "--dir", ds, "--name", "carol"]).expect("client added");
-    assert!(run(&["client", "--dir", ds, "--name", "carol"]).is_err(), "no duplicates");
-    assert!(run(&["client", "--dir", ds, "--name", "bad/name"]).is_err(), "invalid name");
+    assert!(
+        run(&["client", "--dir", ds, "--name", "carol"]).is_err(),
+        "no duplicates"
+    );
+    assert!(
+        run(&["client", "--dir", ds, "--name", "bad/name"]).is_err(),
+        "invalid name"
+    );
 
-    let mode = |f: &str| std::fs::metadata(d.join(f)).expect("exists").permissions().mode() & 0o777;
+    let mode = |f: &str| {
+        std::fs::metadata(d.join(f))
+            .expect("exists")
+            .permissions()
+            .mode()
+            & 0o777
+    };
     assert_eq!(mode(credentials::SERVER_KEY), 0o600);
     assert_eq!(mode(credentials::CLIENTS), 0o600);
     assert_eq!(mode("carol.credential"), 0o600);
@@ -576,7 +741,10 @@ async fn credentials_subcommand_makes_working_files_with_private_modes() {
     assert_eq!(mode("."), 0o700);
     let list = std::fs::read_to_string(d.join(credentials::CLIENTS)).expect("list");
     let cred = ClientCredential::load(&d.join("carol.credential")).expect("credential");
-    assert!(!list.contains(&credentials::hex(&cred.secret)), "only a hash on the server");
+    assert!(
+        !list.contains(&credentials::hex(&cred.secret)),
+        "only a hash on the server"
+    );
     assert_eq!(
         cred.server_pin,
         Some(credentials::pin_of_cert_file(&d.join(credentials::SERVER_CERT)).expect("pin"))
@@ -584,11 +752,20 @@ async fn credentials_subcommand_makes_working_files_with_private_modes() {
 
     let srv = start_server(server_cfg(&d), 0, Daemon::Grant);
     let client = client_from(&d.join("carol.credential"), Ipv4Addr::LOCALHOST, &srv);
-    client.authenticate(Ipv4Addr::LOCALHOST).await.expect("the server accepts the client it made");
+    client
+        .authenticate(Ipv4Addr::LOCALHOST)
+        .await
+        .expect("the server accepts the client it made");
     run(&["revoke", "--dir", ds, "--name", "carol"]).expect("revoked");
-    assert!(run(&["revoke", "--dir", ds, "--name", "carol"]).is_err(), "already gone");
+    assert!(
+        run(&["revoke", "--dir", ds, "--name", "carol"]).is_err(),
+        "already gone"
+    );
     let err = client.authenticate(Ipv4Addr::LOCALHOST).await;
-    assert!(matches!(err, Err(AuthError::Refused { .. })), "revoked without a reload: {err:?}");
+    assert!(
+        matches!(err, Err(AuthError::Refused { .. })),
+        "revoked without a reload: {err:?}"
+    );
     srv.stop().await;
 }
 
@@ -597,27 +774,73 @@ fn command_line_auth_options_are_checked() {
     let dir = TestDir::new("cli");
     let cred = setup(&dir);
     let cred_s = cred.to_str().expect("utf-8");
-    let base = ["udp-encap-tun", "--interface", "tun0", "--listen-port", "1", "--bind-to-interface", "eth0"];
+    let base = [
+        "udp-encap-tun",
+        "--interface",
+        "tun0",
+        "--listen-port",
+        "1",
+        "--bind-to-interface",
+        "eth0",
+    ];
     let mode = |extra: &[&str]| {
         let mut argv = base.to_vec();
         argv.extend_from_slice(extra);
         let cli = crate::cli::Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
         auth_mode_from_args(&cli.run.expect("run args")).map_err(|e| e.to_string())
     };
-    assert!(matches!(mode(&["--insecure-no-auth"]), Ok(AuthMode::Insecure)));
-    assert!(mode(&["--insecure-no-auth", "--credential", cred_s]).is_err(), "conflict");
+    assert!(matches!(
+        mode(&["--insecure-no-auth"]),
+        Ok(AuthMode::Insecure)
+    ));
+    assert!(
+        mode(&["--insecure-no-auth", "--credential", cred_s]).is_err(),
+        "conflict"
+    );
     let e = mode(&[]).expect_err("server needs files");
     assert!(e.contains("credentials server"), "{e}");
     assert!(matches!(
         mode(&["--cert", "c", "--key", "k", "--clients", "l"]),
         Ok(AuthMode::Server(_))
     ));
-    assert!(mode(&["--cert", "c"]).expect_err("incomplete").contains("--key, --clients"));
-    assert!(mode(&["--credential", cred_s]).expect_err("server with client option").contains("client mode"));
+    assert!(
+        mode(&["--cert", "c"])
+            .expect_err("incomplete")
+            .contains("--key, --clients")
+    );
+    assert!(
+        mode(&["--credential", cred_s])
+            .expect_err("server with client option")
+            .contains("client mode")
+    );
     let e = mode(&["--endpoint-port", "2"]).expect_err("client needs a credential");
     assert!(e.contains("--credential"), "{e}");
-    assert!(matches!(mode(&["--endpoint-port", "2", "--credential", cred_s]), Ok(AuthMode::Client(_))));
-    assert!(mode(&["--endpoint-port", "2", "--credential", cred_s, "--cert", "c"]).is_err());
+    assert!(matches!(
+        mode(&["--endpoint-port", "2", "--credential", cred_s]),
+        Ok(AuthMode::Client(_))
+    ));
+    assert!(
+        mode(&[
+            "--endpoint-port",
+            "2",
+            "--credential",
+            cred_s,
+            "--cert",
+            "c"
+        ])
+        .is_err()
+    );
     assert!(mode(&["--endpoint-port", "2", "--credential", "/nonexistent/x"]).is_err());
-    assert!(mode(&["--endpoint-port", "2", "--credential", cred_s, "--server-name", "x"]).is_err(), "needs --ca");
+    assert!(
+        mode(&[
+            "--endpoint-port",
+            "2",
+            "--credential",
+            cred_s,
+            "--server-name",
+            "x"
+        ])
+        .is_err(),
+        "needs --ca"
+    );
 }

@@ -27,7 +27,10 @@ pub struct PinnedServerCert {
 
 impl PinnedServerCert {
     pub fn new(pin: [u8; 32], provider: &rustls::crypto::CryptoProvider) -> PinnedServerCert {
-        PinnedServerCert { pin, algs: provider.signature_verification_algorithms }
+        PinnedServerCert {
+            pin,
+            algs: provider.signature_verification_algorithms,
+        }
     }
 }
 
@@ -55,9 +58,12 @@ impl ServerCertVerifier for PinnedServerCert {
         if bool::from(got.ct_eq(&self.pin)) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
-                PinMismatch { expected: format_pin(&self.pin), got: format_pin(&got) },
-            )))))
+            Err(Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(PinMismatch {
+                    expected: format_pin(&self.pin),
+                    got: format_pin(&got),
+                })),
+            )))
         }
     }
 
@@ -69,7 +75,9 @@ impl ServerCertVerifier for PinnedServerCert {
     ) -> Result<HandshakeSignatureValid, Error> {
         // The client config offers TLS 1.3 only (SPEC decision 2); reaching
         // here means something offered 1.2 anyway: refuse.
-        Err(Error::General("TLS 1.2 is not allowed for authentication".into()))
+        Err(Error::General(
+            "TLS 1.2 is not allowed for authentication".into(),
+        ))
     }
 
     fn verify_tls13_signature(
