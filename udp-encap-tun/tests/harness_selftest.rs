@@ -29,13 +29,17 @@ fn netns_guard_removes_namespace_even_after_panic() {
         let b = if_name("sb");
         let other = Netns::new("st-pn2");
         veth(&ns, &a, &other, &b);
-        tx.send((ns.name().to_string(), other.name().to_string())).unwrap();
+        tx.send((ns.name().to_string(), other.name().to_string()))
+            .unwrap();
         panic!("deliberate panic inside a test body");
     })
     .join();
     assert!(r.is_err(), "the thread should have panicked");
     let (n1, n2) = rx.recv().unwrap();
-    assert!(!Netns::exists(&n1) && !Netns::exists(&n2), "namespaces survived a panic");
+    assert!(
+        !Netns::exists(&n1) && !Netns::exists(&n2),
+        "namespaces survived a panic"
+    );
 }
 
 #[test]
@@ -64,8 +68,14 @@ fn status_parses_counters_and_peers() {
     assert_eq!(
         st.peers,
         vec![
-            ("203.0.113.254:12345".parse().unwrap(), Ipv4Addr::new(198, 18, 0, 2)),
-            ("203.0.113.254:1024".parse().unwrap(), Ipv4Addr::new(198, 18, 0, 3)),
+            (
+                "203.0.113.254:12345".parse().unwrap(),
+                Ipv4Addr::new(198, 18, 0, 2)
+            ),
+            (
+                "203.0.113.254:1024".parse().unwrap(),
+                Ipv4Addr::new(198, 18, 0, 3)
+            ),
         ]
     );
     let missing = std::panic::catch_unwind(|| st.counter("no_such_counter"));
@@ -91,7 +101,10 @@ fn tcp_over_plain_veth_arrives_intact_and_capture_counts_it() {
     in_netns(&c.ns, || send_udp(SocketAddrV4::new(s.addr, 9), 3));
     let tcp = cap.count("tcp port 5001");
     let udp = cap.count("udp dst port 9");
-    assert!(tcp > 100, "capture saw only {tcp} TCP packets of a 5 MB transfer");
+    assert!(
+        tcp > 100,
+        "capture saw only {tcp} TCP packets of a 5 MB transfer"
+    );
     assert_eq!(udp, 3, "capture saw {udp} of 3 UDP datagrams");
 }
 
@@ -102,14 +115,27 @@ fn nat_topology_masquerades_both_clients() {
     let app = AppServer::start(&s.ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 5002));
     let dest = SocketAddrV4::new(s.addr, 5002);
     let hs: Vec<_> = (0..2)
-        .map(|i| spawn_transfer(&topo.client(i).ns, dest, Transfer::new(10 + i as u64, 500_000, 500_000)))
+        .map(|i| {
+            spawn_transfer(
+                &topo.client(i).ns,
+                dest,
+                Transfer::new(10 + i as u64, 500_000, 500_000),
+            )
+        })
         .collect();
-    let results: Vec<_> = hs.into_iter().map(|h| h.join().unwrap().expect("transfer via NAT")).collect();
+    let results: Vec<_> = hs
+        .into_iter()
+        .map(|h| h.join().unwrap().expect("transfer via NAT"))
+        .collect();
     let conns = app.collect(2, Duration::from_secs(30));
     for r in &results {
         let c = &conns[&r.transfer.id];
         assert_transfer_ok(r, c);
-        assert_eq!(c.peer.ip(), std::net::IpAddr::V4(Ipv4Addr::new(203, 0, 113, 254)), "not masqueraded");
+        assert_eq!(
+            c.peer.ip(),
+            std::net::IpAddr::V4(Ipv4Addr::new(203, 0, 113, 254)),
+            "not masqueraded"
+        );
     }
 }
 
@@ -121,11 +147,18 @@ fn ip_options_reach_the_wire_and_icmp_is_sent() {
     let mut cap = Capture::start(&s.ns, &s.uplink);
     in_netns(&c.ns, || {
         // Nothing listens on port 7: the server answers RST, connect fails fast.
-        assert!(!tcp_connect_with_ip_options(SocketAddrV4::new(s.addr, 7), Duration::from_secs(2)));
+        assert!(!tcp_connect_with_ip_options(
+            SocketAddrV4::new(s.addr, 7),
+            Duration::from_secs(2)
+        ));
         send_icmp_echo(s.addr, 2);
     });
     let with_opts = cap.count("tcp dst port 7 and ip[0] & 0xf > 5");
     let echo = cap.count("icmp[icmptype] == icmp-echo");
-    assert!(with_opts >= 1, "no SYN with IP options seen:\n{}", cap.dump("", 20));
+    assert!(
+        with_opts >= 1,
+        "no SYN with IP options seen:\n{}",
+        cap.dump("", 20)
+    );
     assert_eq!(echo, 2);
 }

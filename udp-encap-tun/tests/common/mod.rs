@@ -23,9 +23,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::net::{
-    Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
-};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -73,7 +71,10 @@ pub fn unique_id() -> String {
 /// An interface name `prefix` + unique id; panics if over 15 characters.
 pub fn if_name(prefix: &str) -> String {
     let name = format!("{prefix}{}", unique_id());
-    assert!(name.len() <= 15, "interface name {name} is longer than 15 characters");
+    assert!(
+        name.len() <= 15,
+        "interface name {name} is longer than 15 characters"
+    );
     name
 }
 
@@ -84,7 +85,10 @@ pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool
         if cond() {
             return;
         }
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for: {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -96,7 +100,10 @@ pub fn wait_for<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for: {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -125,7 +132,8 @@ pub struct ArtifactDir {
 
 impl ArtifactDir {
     pub fn new(tag: &str) -> ArtifactDir {
-        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("uet-{tag}-{}", unique_id()));
+        let path =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("uet-{tag}-{}", unique_id()));
         fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         ArtifactDir { path }
     }
@@ -180,7 +188,9 @@ impl Netns {
     /// the namespace without remounting /sys (unlike `ip netns exec`).
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        c.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
         c
     }
 
@@ -236,7 +246,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let out = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
         match out {
             Ok(o) if o.status.success() => {}
             Ok(o) => eprintln!(
@@ -254,7 +266,12 @@ fn enter_netns(path: &Path) {
     let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     // SAFETY: a valid open fd of a network namespace; affects this thread only.
     let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert!(r == 0, "setns({}): {}", path.display(), io::Error::last_os_error());
+    assert!(
+        r == 0,
+        "setns({}): {}",
+        path.display(),
+        io::Error::last_os_error()
+    );
 }
 
 /// Runs `f` on a fresh thread inside `ns` and returns its result (a panic in
@@ -290,7 +307,18 @@ where
 /// A veth pair `a_if` (in `a`) <-> `b_if` (in `b`), both up. Created directly
 /// inside the namespaces: nothing ever appears in the host namespace.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
-    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()]);
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]);
     a.ip(&["link", "set", a_if, "up"]);
     b.ip(&["link", "set", b_if, "up"]);
 }
@@ -370,8 +398,16 @@ impl Topology {
         s.addr_add(&s_if, "192.0.2.1/24");
         c.addr_add(&c_if, "192.0.2.2/24");
         Topology {
-            server: Host { ns: s, uplink: s_if, addr: Ipv4Addr::new(192, 0, 2, 1) },
-            clients: vec![Host { ns: c, uplink: c_if, addr: Ipv4Addr::new(192, 0, 2, 2) }],
+            server: Host {
+                ns: s,
+                uplink: s_if,
+                addr: Ipv4Addr::new(192, 0, 2, 1),
+            },
+            clients: vec![Host {
+                ns: c,
+                uplink: c_if,
+                addr: Ipv4Addr::new(192, 0, 2, 2),
+            }],
             router: None,
         }
     }
@@ -399,9 +435,12 @@ impl Topology {
         ));
         let mut clients = Vec::new();
         let mut lans = Vec::new();
-        for (i, (gw, addr)) in [((198, 51, 100, 1), (198, 51, 100, 2)), ((198, 51, 100, 5), (198, 51, 100, 6))]
-            .into_iter()
-            .enumerate()
+        for (i, (gw, addr)) in [
+            ((198, 51, 100, 1), (198, 51, 100, 2)),
+            ((198, 51, 100, 5), (198, 51, 100, 6)),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let gw = Ipv4Addr::new(gw.0, gw.1, gw.2, gw.3);
             let addr = Ipv4Addr::new(addr.0, addr.1, addr.2, addr.3);
@@ -412,13 +451,26 @@ impl Topology {
             r.addr_add(&lan, &format!("{gw}/30"));
             c.addr_add(&c_if, &format!("{addr}/30"));
             c.ip(&["route", "add", "default", "via", &gw.to_string()]);
-            clients.push(Host { ns: c, uplink: c_if, addr });
+            clients.push(Host {
+                ns: c,
+                uplink: c_if,
+                addr,
+            });
             lans.push(lan);
         }
         Topology {
-            server: Host { ns: s, uplink: s_if, addr: Ipv4Addr::new(203, 0, 113, 1) },
+            server: Host {
+                ns: s,
+                uplink: s_if,
+                addr: Ipv4Addr::new(203, 0, 113, 1),
+            },
             clients,
-            router: Some(Router { ns: r, wan, wan_addr: Ipv4Addr::new(203, 0, 113, 254), lans }),
+            router: Some(Router {
+                ns: r,
+                wan,
+                wan_addr: Ipv4Addr::new(203, 0, 113, 254),
+                lans,
+            }),
         }
     }
 
@@ -431,11 +483,24 @@ impl Topology {
 
 /// `--interface TUN --listen-port P --bind-to-interface UPLINK
 /// [--endpoint-port E] EXTRA...` (client mode iff `endpoint` is given).
-pub fn daemon_args(tun: &str, uplink: &str, listen: u16, endpoint: Option<u16>, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = ["--interface", tun, "--listen-port", &listen.to_string(), "--bind-to-interface", uplink]
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+pub fn daemon_args(
+    tun: &str,
+    uplink: &str,
+    listen: u16,
+    endpoint: Option<u16>,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--interface",
+        tun,
+        "--listen-port",
+        &listen.to_string(),
+        "--bind-to-interface",
+        uplink,
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
     if let Some(e) = endpoint {
         v.push("--endpoint-port".into());
         v.push(e.to_string());
@@ -458,7 +523,10 @@ impl Status {
     /// Parses `counter NAME VALUE`, `peer ADDR:PORT GENERATED ...` and
     /// `mode M` lines; ignores every other line.
     pub fn parse(text: &str) -> Status {
-        let mut st = Status { raw: text.to_string(), ..Status::default() };
+        let mut st = Status {
+            raw: text.to_string(),
+            ..Status::default()
+        };
         for line in text.lines() {
             let mut w = line.split_whitespace();
             match w.next() {
@@ -627,7 +695,11 @@ impl Daemon {
     /// `status`, panicking (with the log's tail) if it fails.
     pub fn status(&self) -> Status {
         self.try_status().unwrap_or_else(|e| {
-            panic!("`status` of daemon {} failed: {e}\nlog:\n{}", self.label, self.log_tail(60))
+            panic!(
+                "`status` of daemon {} failed: {e}\nlog:\n{}",
+                self.label,
+                self.log_tail(60)
+            )
         })
     }
 
@@ -636,7 +708,12 @@ impl Daemon {
     }
 
     /// Waits until `cond(status)` holds; panics with `what` and the last status.
-    pub fn wait_status(&self, deadline: Duration, what: &str, mut cond: impl FnMut(&Status) -> bool) -> Status {
+    pub fn wait_status(
+        &self,
+        deadline: Duration,
+        what: &str,
+        mut cond: impl FnMut(&Status) -> bool,
+    ) -> Status {
         let end = Instant::now() + deadline;
         loop {
             let st = self.status();
@@ -656,8 +733,10 @@ impl Daemon {
 
     /// Waits until counter `name` ≥ `at_least`; returns its value.
     pub fn wait_counter(&self, name: &str, at_least: u64, deadline: Duration) -> u64 {
-        self.wait_status(deadline, &format!("counter {name} >= {at_least}"), |s| s.counter(name) >= at_least)
-            .counter(name)
+        self.wait_status(deadline, &format!("counter {name} >= {at_least}"), |s| {
+            s.counter(name) >= at_least
+        })
+        .counter(name)
     }
 
     fn signal(&self, sig: i32) {
@@ -682,7 +761,11 @@ impl Daemon {
     /// SIGTERM and wait up to 10 s; returns the exit status. Panics (after a
     /// SIGKILL) if it does not exit.
     pub fn stop(&mut self) -> ExitStatus {
-        assert!(self.child.is_some(), "daemon {} already stopped", self.label);
+        assert!(
+            self.child.is_some(),
+            "daemon {} already stopped",
+            self.label
+        );
         self.signal(libc::SIGTERM);
         match self.wait_deadline(Duration::from_secs(10)) {
             Some(st) => {
@@ -704,9 +787,15 @@ impl Daemon {
 
     /// SIGKILL and reap.
     pub fn kill9(&mut self) -> ExitStatus {
-        assert!(self.child.is_some(), "daemon {} already stopped", self.label);
+        assert!(
+            self.child.is_some(),
+            "daemon {} already stopped",
+            self.label
+        );
         self.signal(libc::SIGKILL);
-        let st = self.wait_deadline(Duration::from_secs(10)).expect("SIGKILLed daemon exits");
+        let st = self
+            .wait_deadline(Duration::from_secs(10))
+            .expect("SIGKILLed daemon exits");
         self.child = None;
         st
     }
@@ -763,7 +852,19 @@ impl Capture {
         let errf = File::create(&err).expect("create tcpdump stderr file");
         let child = ns
             .cmd("tcpdump")
-            .args(["-ni", iface, "-s", "128", "-B", "8192", "--immediate-mode", "-U", "-Z", "root", "-w"])
+            .args([
+                "-ni",
+                iface,
+                "-s",
+                "128",
+                "-B",
+                "8192",
+                "--immediate-mode",
+                "-U",
+                "-Z",
+                "root",
+                "-w",
+            ])
             .arg(&file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -787,11 +888,18 @@ impl Capture {
             if text.contains("listening on") {
                 break;
             }
-            if let Some(st) = cap.child.as_mut().and_then(|c| c.try_wait().expect("try_wait tcpdump")) {
+            if let Some(st) = cap
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("try_wait tcpdump"))
+            {
                 cap.child = None;
                 panic!("tcpdump on {iface} exited with {st}: {text}");
             }
-            assert!(Instant::now() < end, "tcpdump on {iface} did not start listening: {text}");
+            assert!(
+                Instant::now() < end,
+                "tcpdump on {iface} did not start listening: {text}"
+            );
             thread::sleep(Duration::from_millis(20));
         }
         cap
@@ -818,15 +926,22 @@ impl Capture {
             .expect("marker thread");
         });
         let want = self.marks as usize;
-        wait_until(Duration::from_secs(10), &format!("capture on {} to record marker {n}", self.label), || {
-            self.read(MARK_FILTER).is_some_and(|t| t.lines().count() >= want)
-        });
+        wait_until(
+            Duration::from_secs(10),
+            &format!("capture on {} to record marker {n}", self.label),
+            || {
+                self.read(MARK_FILTER)
+                    .is_some_and(|t| t.lines().count() >= want)
+            },
+        );
     }
 
     /// Markers need an Ethernet link (veth); on others (a TUN) `stop` cannot
     /// prove completeness and only stops.
     pub fn is_ethernet(&self) -> bool {
-        fs::read_to_string(&self.err).unwrap_or_default().contains("link-type EN10MB")
+        fs::read_to_string(&self.err)
+            .unwrap_or_default()
+            .contains("link-type EN10MB")
     }
 
     fn read(&self, filter: &str) -> Option<String> {
@@ -836,7 +951,9 @@ impl Capture {
             cmd.arg(filter);
         }
         let out = cmd.stdin(Stdio::null()).output().ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Syncs (see [`Capture::sync`]), then SIGINT and wait (10 s, then
@@ -887,7 +1004,11 @@ impl Capture {
         let out = self
             .read(&f)
             .unwrap_or_else(|| panic!("tcpdump -r {} '{f}' failed", self.file.display()));
-        out.lines().filter(|l| !l.trim().is_empty()).take(max_lines).collect::<Vec<_>>().join("\n")
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(max_lines)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -901,7 +1022,11 @@ fn send_marker_frame(iface: &str, n: u32) {
     // SAFETY: plain libc calls with valid arguments; the fd is closed below.
     unsafe {
         let ifindex = libc::if_nametoindex(cname.as_ptr());
-        assert!(ifindex != 0, "no interface {iface}: {}", io::Error::last_os_error());
+        assert!(
+            ifindex != 0,
+            "no interface {iface}: {}",
+            io::Error::last_os_error()
+        );
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
         assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
         let mut frame = [0u8; 60];
@@ -943,16 +1068,17 @@ impl Drop for Capture {
 /// Deterministic pseudo-random bytes: byte `i` of stream `seed` is byte
 /// `i % 8` of splitmix64(seed, i / 8).
 pub fn fill_payload(seed: u64, offset: u64, buf: &mut [u8]) {
-    assert!(offset % 8 == 0, "payload offsets are multiples of 8");
-    let mut word = offset / 8;
-    for chunk in buf.chunks_mut(8) {
+    assert!(
+        offset.is_multiple_of(8),
+        "payload offsets are multiples of 8"
+    );
+    for (word, chunk) in (offset / 8..).zip(buf.chunks_mut(8)) {
         let mut z = seed.wrapping_add(word.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
         let bytes = z.to_le_bytes();
         chunk.copy_from_slice(&bytes[..chunk.len()]);
-        word += 1;
     }
 }
 
@@ -1016,7 +1142,12 @@ const DOWN: u64 = 0x5a5a_5a5a_0000_0001;
 
 impl Transfer {
     pub fn new(id: u64, upload: u64, download: u64) -> Transfer {
-        Transfer { id, upload, download, seed: id.wrapping_mul(0x1234_5678_9abc_def1) ^ 0xfeed }
+        Transfer {
+            id,
+            upload,
+            download,
+            seed: id.wrapping_mul(0x1234_5678_9abc_def1) ^ 0xfeed,
+        }
     }
 }
 
@@ -1048,9 +1179,18 @@ pub struct ClientResult {
 /// Checks that both directions arrived complete and intact: length and
 /// SHA-256 computed by the receiver equal what the sender sent.
 pub fn assert_transfer_ok(c: &ClientResult, s: &ServerConn) {
-    assert!(s.error.is_none(), "server side of transfer {} failed: {:?}", c.transfer.id, s.error);
+    assert!(
+        s.error.is_none(),
+        "server side of transfer {} failed: {:?}",
+        c.transfer.id,
+        s.error
+    );
     assert_eq!(s.id, c.transfer.id, "matched the wrong connection");
-    assert_eq!(c.sent, c.transfer.upload, "client did not send all of transfer {}", c.transfer.id);
+    assert_eq!(
+        c.sent, c.transfer.upload,
+        "client did not send all of transfer {}",
+        c.transfer.id
+    );
     assert_eq!(
         s.received, c.transfer.upload,
         "upload {}: server received {} of {} bytes",
@@ -1067,7 +1207,11 @@ pub fn assert_transfer_ok(c: &ClientResult, s: &ServerConn) {
         "download {}: client received {} of {} bytes",
         c.transfer.id, c.received, c.transfer.download
     );
-    assert_eq!(s.sent, c.transfer.download, "server did not send all of download {}", c.transfer.id);
+    assert_eq!(
+        s.sent, c.transfer.download,
+        "server did not send all of download {}",
+        c.transfer.id
+    );
     assert_eq!(
         hex(&c.received_sha),
         hex(&s.sent_sha),
@@ -1090,7 +1234,9 @@ impl AppServer {
     pub fn start(ns: &Netns, bind: SocketAddrV4) -> AppServer {
         let listener = in_netns(ns, move || TcpListener::bind(bind))
             .unwrap_or_else(|e| panic!("bind app server on {bind} in {}: {e}", ns.name()));
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let stop2 = stop.clone();
@@ -1114,14 +1260,22 @@ impl AppServer {
                 }
             }
         });
-        AppServer { addr: bind, stop, rx, handle: Some(handle) }
+        AppServer {
+            addr: bind,
+            stop,
+            rx,
+            handle: Some(handle),
+        }
     }
 
     /// The next finished connection; panics after `deadline`.
     pub fn next(&self, deadline: Duration) -> ServerConn {
-        self.rx
-            .recv_timeout(deadline)
-            .unwrap_or_else(|e| panic!("app server on {}: no finished connection within {deadline:?}: {e}", self.addr))
+        self.rx.recv_timeout(deadline).unwrap_or_else(|e| {
+            panic!(
+                "app server on {}: no finished connection within {deadline:?}: {e}",
+                self.addr
+            )
+        })
     }
 
     /// `n` finished connections, keyed by transfer id.
@@ -1164,7 +1318,8 @@ fn serve_conn(mut stream: TcpStream, peer: SocketAddr) -> ServerConn {
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         let mut hdr = [0u8; 32];
         stream.read_exact(&mut hdr)?;
-        let word = |i: usize| u64::from_be_bytes(hdr[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let word =
+            |i: usize| u64::from_be_bytes(hdr[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         conn.id = word(0);
         let download = word(2);
         let seed = word(3) ^ DOWN;
@@ -1175,7 +1330,9 @@ fn serve_conn(mut stream: TcpStream, peer: SocketAddr) -> ServerConn {
             Ok(sha)
         });
         let recv = recv_to_eof(&mut stream);
-        let sent = writer.join().map_err(|_| io::Error::other("writer panicked"))?;
+        let sent = writer
+            .join()
+            .map_err(|_| io::Error::other("writer panicked"))?;
         let (n, sha) = recv?;
         conn.received = n;
         conn.received_sha = sha;
@@ -1192,7 +1349,9 @@ fn serve_conn(mut stream: TcpStream, peer: SocketAddr) -> ServerConn {
 /// Runs transfer `t` from `ns` to `dest` (connect timeout 10 s, I/O timeouts
 /// 60 s). Upload and download run at the same time.
 pub fn try_transfer_from(ns: &Netns, dest: SocketAddrV4, t: Transfer) -> io::Result<ClientResult> {
-    let stream = in_netns(ns, move || TcpStream::connect_timeout(&SocketAddr::V4(dest), Duration::from_secs(10)))?;
+    let stream = in_netns(ns, move || {
+        TcpStream::connect_timeout(&SocketAddr::V4(dest), Duration::from_secs(10))
+    })?;
     transfer_on(stream, t)
 }
 
@@ -1214,9 +1373,19 @@ pub fn transfer_on(mut stream: TcpStream, t: Transfer) -> io::Result<ClientResul
         Ok(sha)
     });
     let recv = recv_to_eof(&mut stream);
-    let sent_sha = writer.join().map_err(|_| io::Error::other("writer panicked"))??;
+    let sent_sha = writer
+        .join()
+        .map_err(|_| io::Error::other("writer panicked"))??;
     let (received, received_sha) = recv?;
-    Ok(ClientResult { transfer: t, local, peer, sent: t.upload, sent_sha, received, received_sha })
+    Ok(ClientResult {
+        transfer: t,
+        local,
+        peer,
+        sent: t.upload,
+        sent_sha,
+        received,
+        received_sha,
+    })
 }
 
 /// [`try_transfer_from`], panicking on error.
@@ -1226,7 +1395,11 @@ pub fn transfer_from(ns: &Netns, dest: SocketAddrV4, t: Transfer) -> ClientResul
 }
 
 /// Starts [`try_transfer_from`] on a background thread.
-pub fn spawn_transfer(ns: &Netns, dest: SocketAddrV4, t: Transfer) -> JoinHandle<io::Result<ClientResult>> {
+pub fn spawn_transfer(
+    ns: &Netns,
+    dest: SocketAddrV4,
+    t: Transfer,
+) -> JoinHandle<io::Result<ClientResult>> {
     let path = ns.path();
     thread::spawn(move || {
         enter_netns(&path);
@@ -1242,14 +1415,19 @@ pub fn spawn_transfer(ns: &Netns, dest: SocketAddrV4, t: Transfer) -> JoinHandle
 pub fn send_udp(dest: SocketAddrV4, n: usize) {
     let s = UdpSocket::bind("0.0.0.0:0").expect("bind udp");
     for i in 0..n {
-        s.send_to(format!("uet probe {i}").as_bytes(), dest).expect("send udp");
+        s.send_to(format!("uet probe {i}").as_bytes(), dest)
+            .expect("send udp");
     }
 }
 
 fn inet_checksum(data: &[u8]) -> u16 {
     let mut sum = 0u32;
     for c in data.chunks(2) {
-        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], 0]) };
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
         sum += u32::from(w);
     }
     while sum > 0xffff {
@@ -1269,7 +1447,8 @@ pub fn send_icmp_echo(dest: Ipv4Addr, n: u16) {
         pkt.extend_from_slice(b"udp-encap-tun test echo");
         let ck = inet_checksum(&pkt);
         pkt[2..4].copy_from_slice(&ck.to_be_bytes());
-        s.send_to(&pkt, &SockAddr::from(SocketAddrV4::new(dest, 0))).expect("send icmp echo");
+        s.send_to(&pkt, &SockAddr::from(SocketAddrV4::new(dest, 0)))
+            .expect("send icmp echo");
     }
 }
 
@@ -1291,7 +1470,11 @@ pub fn tcp_connect_with_ip_options(dest: SocketAddrV4, wait: Duration) -> bool {
             opts.len() as libc::socklen_t,
         )
     };
-    assert!(r == 0, "setsockopt IP_OPTIONS: {}", io::Error::last_os_error());
+    assert!(
+        r == 0,
+        "setsockopt IP_OPTIONS: {}",
+        io::Error::last_os_error()
+    );
     s.connect_timeout(&SockAddr::from(dest), wait).is_ok()
 }
 
@@ -1319,11 +1502,15 @@ pub fn recv_exact_sha(r: &mut impl Read, len: u64) -> io::Result<Sha> {
 /// `/proc/thread-self/net/tcp` (state in the kernel's hex: 01 ESTABLISHED,
 /// 06 TIME_WAIT, 0A LISTEN, ...).
 pub fn tcp_sockets(ns: &Netns) -> Vec<(SocketAddrV4, SocketAddrV4, String)> {
-    let text = in_netns(ns, || fs::read_to_string("/proc/thread-self/net/tcp")).expect("read /proc/net/tcp");
+    let text = in_netns(ns, || fs::read_to_string("/proc/thread-self/net/tcp"))
+        .expect("read /proc/net/tcp");
     let addr = |s: &str| -> SocketAddrV4 {
         let (a, p) = s.split_once(':').expect("addr:port");
         let a = u32::from_str_radix(a, 16).expect("hex addr");
-        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(a)), u16::from_str_radix(p, 16).expect("hex port"))
+        SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(a)),
+            u16::from_str_radix(p, 16).expect("hex port"),
+        )
     };
     text.lines()
         .skip(1)
@@ -1340,11 +1527,18 @@ pub fn tcp_sockets(ns: &Netns) -> Vec<(SocketAddrV4, SocketAddrV4, String)> {
 pub fn wait_tcp_quiet(ns: &Netns, deadline: Duration) {
     let end = Instant::now() + deadline;
     loop {
-        let last: Vec<_> = tcp_sockets(ns).into_iter().filter(|s| s.2 != "0A" && s.2 != "06").collect();
+        let last: Vec<_> = tcp_sockets(ns)
+            .into_iter()
+            .filter(|s| s.2 != "0A" && s.2 != "06")
+            .collect();
         if last.is_empty() {
             return;
         }
-        assert!(Instant::now() < end, "TCP sockets in {} still active after {deadline:?}: {last:?}", ns.name());
+        assert!(
+            Instant::now() < end,
+            "TCP sockets in {} still active after {deadline:?}: {last:?}",
+            ns.name()
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
