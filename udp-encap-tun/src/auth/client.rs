@@ -33,7 +33,7 @@ use tokio_rustls::TlsConnector;
 
 use super::credentials::{ClientCredential, load_certs};
 use super::protocol::{ALPN, Hello, ProtoError, Reply};
-use super::verifier::PinnedServerCert;
+use super::verifier::{PinMismatch, PinnedServerCert};
 use super::{AuthError, AuthStats, Lease, Refused};
 
 /// How the client checks the server.
@@ -321,18 +321,27 @@ impl AuthClient {
             .server_name
             .clone()
             .unwrap_or(ServerName::IpAddress(IpAddr::V4(server).into()));
-        let tls_err = |source: std::io::Error| match source.kind() {
-            // The server refuses rate-limited sources and overflow
-            // connections by closing before the handshake.
-            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-                if source.get_ref().is_none_or(|i| !i.is::<rustls::Error>()) =>
-            {
-                AuthError::ClosedByServer { server: dest }
+        let tls_err = |source: std::io::Error| {
+            if let Some(m) = pin_mismatch(&source) {
+                return AuthError::PinMismatch {
+                    server: dest,
+                    expected: m.expected.clone(),
+                    got: m.got.clone(),
+                };
             }
-            _ => AuthError::Tls {
-                server: dest,
-                source,
-            },
+            match source.kind() {
+                // The server refuses rate-limited sources and overflow
+                // connections by closing before the handshake.
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                    if source.get_ref().is_none_or(|i| !i.is::<rustls::Error>()) =>
+                {
+                    AuthError::ClosedByServer { server: dest }
+                }
+                _ => AuthError::Tls {
+                    server: dest,
+                    source,
+                },
+            }
         };
         let mut tls = self
             .connector
@@ -350,5 +359,15 @@ impl AuthClient {
         })?;
         // Dropping `tls` closes the socket: with linger 0, a RST.
         Ok(reply)
+    }
+}
+
+/// The pin check's own error, if that is what ended the handshake.
+fn pin_mismatch(e: &std::io::Error) -> Option<&PinMismatch> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+            o.0.downcast_ref::<PinMismatch>()
+        }
+        _ => None,
     }
 }

@@ -212,6 +212,16 @@ pub enum AuthError {
          for a while after failed attempts, or has too many connections; see the server's log"
     )]
     ClosedByServer { server: SocketAddrV4 },
+    #[error(
+        "{server} is not the server the credential names: its certificate is {got}, the \
+         credential pins {expected}; check the server address, or the server's certificate was \
+         remade (put its new pin in the credential), or someone is in between"
+    )]
+    PinMismatch {
+        server: SocketAddrV4,
+        expected: String,
+        got: String,
+    },
     #[error("TLS with {server} failed: {source}")]
     Tls {
         server: SocketAddrV4,

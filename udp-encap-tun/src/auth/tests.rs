@@ -353,7 +353,7 @@ async fn client_refuses_a_server_with_another_certificate() {
         .await
         .expect_err("the pin does not match");
     let msg = format!("{err}");
-    assert!(matches!(err, AuthError::Tls { .. }), "{err:?}");
+    assert!(matches!(err, AuthError::PinMismatch { .. }), "{err:?}");
     assert!(
         msg.contains(&format_pin(&[0xab; 32])),
         "names the expected pin: {msg}"
@@ -517,6 +517,27 @@ async fn failed_attempts_are_rate_limited_per_source() {
     srv.stop().await;
 }
 
+/// Sockets in TIME_WAIT (state 06 in /proc/net/tcp) with `port` at either end.
+fn time_wait_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let port_of = |addr: &str| {
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(state)) = (f.get(1), f.get(2), f.get(3)) else {
+                return false;
+            };
+            *state == "06" && (port_of(local) == Some(port) || port_of(remote) == Some(port))
+        })
+        .count()
+}
+
 #[tokio::test]
 async fn reauthentication_from_the_same_port_and_after_a_server_restart() {
     let dir = TestDir::new("reauth");
@@ -533,6 +554,11 @@ async fn reauthentication_from_the_same_port_and_after_a_server_restart() {
     let peers: Vec<_> = srv.seen().into_iter().map(|(p, _)| p).collect();
     assert_eq!(peers.len(), 3);
     assert!(peers.iter().all(|p| p.port() == client.local_addr().port()));
+    assert_eq!(
+        time_wait_on(client.local_addr().port()),
+        0,
+        "no TIME_WAIT on the client's 4-tuple, on either side"
+    );
 
     srv.stop().await;
     let srv = start_server(server_cfg(dir.path()), port, Daemon::Grant);
