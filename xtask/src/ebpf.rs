@@ -117,7 +117,7 @@ fn prepare(route: Route) -> Result<()> {
                 .context("running /usr/bin/rustc --print sysroot")?;
             let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
             if !sysroot
-                .join("lib/rustlib/src/rust/library/Cargo.lock")
+                .join("lib/rustlib/src/rust/library/core")
                 .exists()
             {
                 bail!(
