@@ -245,14 +245,7 @@ impl XdpGate {
         // path is left over from a run that died (kill -9). If pinning fails
         // below, `ebpf` drops and detaches the program again.
         remove_pins(&pin_dir);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&pin_dir)
-            .map_err(|source| XdpError::PinDir {
-                path: pin_dir.clone(),
-                source,
-            })?;
+        create_pin_dir(&pin_dir)?;
         let pinned = (|| {
             let peers: HashMap<MapData, PeerKey, PeerValue> =
                 take_pinned(&mut ebpf, MAP_PEERS, &pin_dir.join(PIN_PEERS))?;
@@ -457,6 +450,29 @@ impl Drop for XdpGate {
         remove_pins(&self.pin_dir);
         // The shared root goes when the last instance leaves; busy is fine.
         let _ = fs::remove_dir(PIN_ROOT);
+    }
+}
+
+/// Creates `dir` and its parents. Retried: another instance that stops at
+/// this moment removes the shared root when it looks empty, which can fall
+/// between our creating the root and creating `dir` in it.
+fn create_pin_dir(dir: &Path) -> Result<(), XdpError> {
+    let mut attempt = 0;
+    loop {
+        match fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < 3 => attempt += 1,
+            Err(source) => {
+                return Err(XdpError::PinDir {
+                    path: dir.to_path_buf(),
+                    source,
+                });
+            }
+        }
     }
 }
 
