@@ -623,9 +623,9 @@ pub fn run_credentials_command(args: &CredentialsArgs) -> anyhow::Result<()> {
         CredentialsAction::Server { dir, san, force } => {
             let f = make_server_files(dir, san, *force)?;
             println!(
-                "wrote {} and {} (mode 0600)",
-                f.cert.display(),
-                f.key.display()
+                "wrote {} (private key, mode 0600) and {} (certificate)",
+                f.key.display(),
+                f.cert.display()
             );
             println!("client list: {}", f.clients.display());
             println!("server pin: {}", format_pin(&f.pin));

@@ -870,3 +870,12 @@ fn command_line_auth_options_are_checked() {
         "needs --ca"
     );
 }
+
+/// The daemon spawns these on a multi-threaded runtime.
+#[allow(dead_code)]
+fn futures_are_send(client: &AuthClient, server: AuthServer, tx: mpsc::Sender<AuthRequest>) {
+    fn send<T: Send>(_: &T) {}
+    send(&client.authenticate(Ipv4Addr::LOCALHOST));
+    send(&server.run(tx));
+    send(client);
+}
