@@ -79,10 +79,15 @@ pub enum Traffic {
     MssClamped,
     EntriesCreated,
     EntriesExpired,
+    /// System calls of the data path: packets per call shows how well
+    /// batching (TSO/GSO/GRO) works.
+    TunReads,
+    UdpSendCalls,
+    UdpRecvCalls,
 }
 
 impl Traffic {
-    pub const ALL: [Traffic; 11] = [
+    pub const ALL: [Traffic; 14] = [
         Traffic::TunRxPackets,
         Traffic::TunRxBytes,
         Traffic::UdpTxPackets,
@@ -94,6 +99,9 @@ impl Traffic {
         Traffic::MssClamped,
         Traffic::EntriesCreated,
         Traffic::EntriesExpired,
+        Traffic::TunReads,
+        Traffic::UdpSendCalls,
+        Traffic::UdpRecvCalls,
     ];
 
     pub fn name(self) -> &'static str {
@@ -109,6 +117,9 @@ impl Traffic {
             Traffic::MssClamped => "mss_clamped",
             Traffic::EntriesCreated => "entries_created",
             Traffic::EntriesExpired => "entries_expired",
+            Traffic::TunReads => "tun_reads",
+            Traffic::UdpSendCalls => "udp_send_calls",
+            Traffic::UdpRecvCalls => "udp_recv_calls",
         }
     }
 }

@@ -2,15 +2,15 @@
 //! loop that moves packets through the [`Core`] both ways.
 //!
 //! One task owns the core, so the data path takes no lock: readiness of the
-//! TUN or the socket wakes it, it drains up to [`BATCH`] packets from that
-//! side, and it goes back to waiting. Timers (expiry), status requests and
+//! TUN or the socket wakes it, it moves a bounded batch from that side
+//! ([`DataPath`]), and it goes back to waiting. Timers (expiry), status requests and
 //! signals are branches of the same `select!`.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::io::{self, IoSlice};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use tokio::net::UdpSocket;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
+use crate::batch::{self, BatchUdp};
 use crate::cli::{RunArgs, XdpMode};
 use crate::control::{self, StatusRequest};
 use crate::core::{Core, FromTun, GateFull, HEADROOM, PeerGate};
@@ -28,9 +29,6 @@ use crate::netdev;
 use crate::store::{ConnectionStore, Pool};
 use crate::xdp::{XdpError, XdpGate};
 
-/// Packets handled per wake-up of one side before the loop looks at the
-/// other side again: keeps both directions and the timers responsive.
-const BATCH: usize = 64;
 /// Socket buffers: a burst of full-size segments must not overflow them
 /// while the loop is busy with the other direction.
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -92,22 +90,37 @@ fn path_mtu(host: &Host) -> u16 {
     u16::try_from(m).unwrap_or(u16::MAX)
 }
 
-fn open_tun(name: &str) -> Result<tun_rs::AsyncDevice> {
-    tun_rs::DeviceBuilder::new()
-        .name(name)
-        .inherit_enable_state()
-        .build_async()
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::EACCES) => anyhow!(
-                "not allowed to open TUN {name} ({e}): run as root, or give the binary \
-                 CAP_NET_ADMIN and CAP_NET_RAW (`setcap cap_net_admin,cap_net_raw,cap_bpf,cap_sys_admin+ep BINARY`)"
-            ),
-            Some(libc::EINVAL) | Some(libc::EBUSY) => anyhow!(
-                "{name} cannot be opened as a TUN device ({e}): it is not a TUN (a TAP, a veth, ...) \
-                 or another program holds it with other flags; make one with `ip tuntap add dev {name} mode tun`"
-            ),
-            _ => anyhow!("cannot open TUN {name}: {e}"),
-        })
+/// Opens the TUN with offloads (IFF_VNET_HDR and TUNSETOFFLOAD: the kernel
+/// hands over TCP super-segments of up to 64 KB and takes coalesced ones),
+/// or without them where the kernel or the device refuses.
+fn open_tun(name: &str) -> Result<(tun_rs::AsyncDevice, bool)> {
+    let builder = || tun_rs::DeviceBuilder::new().name(name).inherit_enable_state();
+    match builder().offload(true).build_async() {
+        Ok(dev) => {
+            log::info!(
+                "TUN offloads on {name}: TSO/checksum {}, USO {}",
+                if dev.tcp_gso() { "on" } else { "off" },
+                if dev.udp_gso() { "on" } else { "off" }
+            );
+            return Ok((dev, true));
+        }
+        Err(e) if !matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) => {
+            log::warn!("TUN offloads unavailable on {name} ({e}): one packet per read and write");
+        }
+        Err(_) => {}
+    }
+    let dev = builder().build_async().map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => anyhow!(
+            "not allowed to open TUN {name} ({e}): run as root, or give the binary \
+             CAP_NET_ADMIN and CAP_NET_RAW (`setcap cap_net_admin,cap_net_raw,cap_bpf,cap_sys_admin+ep BINARY`)"
+        ),
+        Some(libc::EINVAL) | Some(libc::EBUSY) => anyhow!(
+            "{name} cannot be opened as a TUN device ({e}): it is not a TUN (a TAP, a veth, ...) \
+             or another program holds it with other flags; make one with `ip tuntap add dev {name} mode tun`"
+        ),
+        _ => anyhow!("cannot open TUN {name}: {e}"),
+    })?;
+    Ok((dev, false))
 }
 
 fn open_udp(port: u16, uplink: &str) -> Result<UdpSocket> {
@@ -169,8 +182,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let counters = Arc::new(Counters::default());
     let mut core = build_core(&args, &host, counters.clone())?;
     let status_listener = control::bind(&args.interface)?;
-    let tun = open_tun(&args.interface)?;
-    let udp = open_udp(args.listen_port, &args.bind_to_interface)?;
+    let (tun, offload) = open_tun(&args.interface)?;
+    let udp = BatchUdp::new(open_udp(args.listen_port, &args.bind_to_interface)?);
     let mut gate = open_gate(&args)?;
 
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
@@ -193,10 +206,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
 
     let started = Instant::now();
-    let mut tun_buf = vec![0u8; 65536];
-    let mut udp_buf = vec![0u8; HEADROOM + 65536];
+    let mut path = DataPath::new(counters.clone(), offload);
     let mut expired = Vec::new();
-    let mut io_log = RateLimitedLog::default();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -204,64 +215,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             r = tun.readable() => {
                 r.context("waiting on the TUN")?;
-                let now = Instant::now();
-                for _ in 0..BATCH {
-                    let n = match tun.try_recv(&mut tun_buf) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(e).context("reading from the TUN"),
-                    };
-                    let Some(pkt) = tun_buf.get_mut(..n) else { break };
-                    match core.from_tun(pkt, now) {
-                        Ok(FromTun::Send { to, payload }) => {
-                            let Some(bytes) = pkt.get(payload) else { continue };
-                            match send_udp(&udp, bytes, to).await {
-                                Ok(()) => {
-                                    counters.add(Traffic::UdpTxPackets, 1);
-                                    counters.add(Traffic::UdpTxBytes, bytes.len() as u64);
-                                }
-                                Err(e) => {
-                                    counters.discard(Discard::IoError);
-                                    io_log.log(now, || format!("sending to {to}: {e}"));
-                                }
-                            }
-                        }
-                        Ok(FromTun::NeedAuth { .. }) => counters.discard(Discard::AuthQueue),
-                        Err(_) => {} // counted by the core
-                    }
-                }
+                path.tun_to_udp(&tun, &udp, &mut core).await?;
             }
             r = udp.readable() => {
                 r.context("waiting on the UDP socket")?;
-                let now = Instant::now();
-                for _ in 0..BATCH {
-                    let Some(room) = udp_buf.get_mut(HEADROOM..) else { break };
-                    let (n, src) = match udp.try_recv_from(room) {
-                        Ok(x) => x,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            // ICMP errors for earlier sends surface here (ECONNREFUSED, ...).
-                            counters.discard(Discard::IoError);
-                            io_log.log(now, || format!("receiving: {e}"));
-                            continue;
-                        }
-                    };
-                    let SocketAddr::V4(src) = src else { continue };
-                    // A discard is counted by the core.
-                    if let Ok(range) = core.from_udp(src, &mut udp_buf, n, now, &mut gate) {
-                        let Some(pkt) = udp_buf.get(range) else { continue };
-                        match send_tun(&tun, pkt).await {
-                            Ok(()) => {
-                                counters.add(Traffic::TunTxPackets, 1);
-                                counters.add(Traffic::TunTxBytes, pkt.len() as u64);
-                            }
-                            Err(e) => {
-                                counters.discard(Discard::IoError);
-                                io_log.log(now, || format!("writing to the TUN: {e}"));
-                            }
-                        }
-                    }
-                }
+                path.udp_to_tun(&udp, &tun, &mut core, &mut gate).await;
             }
             _ = ticker.tick() => {
                 let now = Instant::now();
@@ -274,7 +232,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
             }
             Some(reply) = status_rx.recv() => {
-                let text = status_text(&args, &host, &core, &gate, started, Instant::now());
+                let text = status_text(&args, &host, &core, &gate, &udp, offload, started, Instant::now());
                 let _ = reply.send(text);
             }
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
@@ -339,19 +297,172 @@ impl PeerGate for Gate {
     }
 }
 
-async fn send_udp(udp: &UdpSocket, bytes: &[u8], to: SocketAddrV4) -> io::Result<()> {
-    match udp.try_send_to(bytes, to.into()) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => udp.send_to(bytes, to).await.map(|_| ()),
-        Err(e) => Err(e),
-    }
+/// Reads the TUN gives per wake-up before the loop looks elsewhere.
+const TUN_READS_PER_WAKE: usize = 8;
+/// The most packets one TUN read can split into (64 KB / small MSS) and the
+/// most datagrams gathered before one coalescing write to the TUN.
+const PACKETS: usize = tun_rs::IDEAL_BATCH_SIZE;
+/// Bytes before a packet written to the TUN: the virtio-net header.
+const VNET: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+const MAX_PACKET: usize = 65536;
+
+/// The buffers of the data path, allocated once. Both directions work in
+/// batches: a TUN read yields up to [`PACKETS`] segments (the kernel's TSO
+/// super-segment, split), which leave in GSO trains; the datagrams of a GRO
+/// receive are rebuilt in place and written to the TUN coalesced.
+struct DataPath {
+    counters: Arc<Counters>,
+    offload: bool,
+    /// One TUN read: virtio-net header and the unsplit packet.
+    tun_read: Vec<u8>,
+    /// Segments split out of a TUN read, each a whole IPv4 packet.
+    tx: Vec<Vec<u8>>,
+    tx_sizes: Vec<usize>,
+    /// What to send: (destination, datagram length) and where it lies.
+    plan: Vec<(SocketAddrV4, usize)>,
+    spans: Vec<(usize, std::ops::Range<usize>)>,
+    /// One UDP receive (a GRO train).
+    udp_read: Vec<u8>,
+    /// Rebuilt packets waiting for the TUN: [VNET room][IPv4][segment].
+    rx: Vec<Vec<u8>>,
+    gro: tun_rs::GROTable,
+    io_log: RateLimitedLog,
 }
 
-async fn send_tun(tun: &tun_rs::AsyncDevice, pkt: &[u8]) -> io::Result<()> {
-    match tun.try_send(pkt) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => tun.send(pkt).await.map(|_| ()),
-        Err(e) => Err(e),
+impl DataPath {
+    fn new(counters: Arc<Counters>, offload: bool) -> DataPath {
+        DataPath {
+            counters,
+            offload,
+            tun_read: vec![0; VNET + MAX_PACKET],
+            tx: (0..PACKETS).map(|_| vec![0; MAX_PACKET]).collect(),
+            tx_sizes: vec![0; PACKETS],
+            plan: Vec::with_capacity(PACKETS),
+            spans: Vec::with_capacity(PACKETS),
+            udp_read: vec![0; MAX_PACKET],
+            rx: (0..PACKETS).map(|_| Vec::with_capacity(VNET + HEADROOM + 2048)).collect(),
+            gro: tun_rs::GROTable::default(),
+            io_log: RateLimitedLog::default(),
+        }
+    }
+
+    /// TUN to UDP: read, translate, send in GSO trains.
+    async fn tun_to_udp(&mut self, tun: &tun_rs::AsyncDevice, udp: &BatchUdp, core: &mut Core) -> Result<()> {
+        for _ in 0..TUN_READS_PER_WAKE {
+            let n = match tun.try_recv_multiple(&mut self.tun_read, &mut self.tx, &mut self.tx_sizes, 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.raw_os_error().is_none() => {
+                    // tun-rs could not split what the kernel handed over
+                    // (a virtio-net header it does not accept): one packet lost.
+                    self.counters.discard(Discard::Malformed);
+                    self.io_log.log(Instant::now(), || format!("reading from the TUN: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(e).context("reading from the TUN"),
+            };
+            self.counters.add(Traffic::TunReads, 1);
+            let now = Instant::now();
+            self.plan.clear();
+            self.spans.clear();
+            for (i, (buf, size)) in self.tx.iter_mut().zip(&self.tx_sizes).take(n).enumerate() {
+                let Some(pkt) = buf.get_mut(..*size) else { continue };
+                match core.from_tun(pkt, now) {
+                    Ok(FromTun::Send { to, payload }) => {
+                        self.plan.push((to, payload.len()));
+                        self.spans.push((i, payload));
+                    }
+                    Ok(FromTun::NeedAuth { .. }) => self.counters.discard(Discard::AuthQueue),
+                    Err(_) => {} // counted by the core
+                }
+            }
+            let mut start = 0;
+            while start < self.plan.len() {
+                let end = batch::train_end(&self.plan, start);
+                let mut iov = [IoSlice::new(&[]); batch::MAX_GSO_SEGMENTS];
+                let mut bytes = 0;
+                for (slot, (i, span)) in iov.iter_mut().zip(self.spans.get(start..end).unwrap_or(&[])) {
+                    let seg = self.tx.get(*i).and_then(|b| b.get(span.clone())).unwrap_or(&[]);
+                    bytes += seg.len();
+                    *slot = IoSlice::new(seg);
+                }
+                let count = end - start;
+                let Some(&(to, _)) = self.plan.get(start) else { break };
+                match udp.send(to, iov.get(..count).unwrap_or(&[])).await {
+                    Ok(calls) => {
+                        self.counters.add(Traffic::UdpSendCalls, calls as u64);
+                        self.counters.add(Traffic::UdpTxPackets, count as u64);
+                        self.counters.add(Traffic::UdpTxBytes, bytes as u64);
+                    }
+                    Err(e) => {
+                        self.counters.discard_n(Discard::IoError, count as u64);
+                        self.io_log.log(now, || format!("sending to {to}: {e}"));
+                    }
+                }
+                start = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// UDP to TUN: receive trains until the batch is full or the socket is
+    /// empty, rebuild each datagram in place, write them coalesced.
+    async fn udp_to_tun(&mut self, udp: &BatchUdp, tun: &tun_rs::AsyncDevice, core: &mut Core, gate: &mut Gate) {
+        let mut ready = 0;
+        let now = Instant::now();
+        // Room for one more full GRO train (64 datagrams) in the batch.
+        while ready + batch::MAX_GSO_SEGMENTS <= PACKETS {
+            let r = match udp.try_recv(&mut self.udp_read) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // ICMP errors for earlier sends surface here (ECONNREFUSED, ...).
+                    self.counters.discard(Discard::IoError);
+                    self.io_log.log(now, || format!("receiving: {e}"));
+                    continue;
+                }
+            };
+            self.counters.add(Traffic::UdpRecvCalls, 1);
+            let train = self.udp_read.get(..r.len).unwrap_or(&[]);
+            for dgram in train.chunks(r.stride) {
+                let Some(out) = self.rx.get_mut(ready) else { break };
+                out.clear();
+                out.resize(VNET + HEADROOM, 0);
+                out.extend_from_slice(dgram);
+                let Some(room) = out.get_mut(VNET..) else { continue };
+                // A discard is counted by the core.
+                if let Ok(range) = core.from_udp(r.src, room, dgram.len(), now, gate) {
+                    out.truncate(VNET + range.end);
+                    ready += 1;
+                }
+            }
+        }
+        if ready == 0 {
+            return;
+        }
+        let bytes: usize = self.rx.iter().take(ready).map(|b| b.len() - VNET).sum();
+        let rx = self.rx.get_mut(..ready).unwrap_or(&mut []);
+        let written = if self.offload {
+            tun.send_multiple(&mut self.gro, rx, VNET).await.map(|_| ())
+        } else {
+            let mut r = Ok(());
+            for pkt in rx.iter() {
+                if let Err(e) = tun.send(pkt.get(VNET..).unwrap_or(&[])).await {
+                    r = Err(e);
+                }
+            }
+            r
+        };
+        match written {
+            Ok(()) => {
+                self.counters.add(Traffic::TunTxPackets, ready as u64);
+                self.counters.add(Traffic::TunTxBytes, bytes as u64);
+            }
+            Err(e) => {
+                self.counters.discard_n(Discard::IoError, ready as u64);
+                self.io_log.log(now, || format!("writing to the TUN: {e}"));
+            }
+        }
     }
 }
 
@@ -379,7 +490,17 @@ impl RateLimitedLog {
     }
 }
 
-fn status_text(args: &RunArgs, host: &Host, core: &Core, gate: &Gate, started: Instant, now: Instant) -> String {
+#[allow(clippy::too_many_arguments)]
+fn status_text(
+    args: &RunArgs,
+    host: &Host,
+    core: &Core,
+    gate: &Gate,
+    udp: &BatchUdp,
+    tun_offload: bool,
+    started: Instant,
+    now: Instant,
+) -> String {
     use std::fmt::Write;
     let mut t = String::new();
     let _ = writeln!(t, "version {}", env!("CARGO_PKG_VERSION"));
@@ -396,6 +517,14 @@ fn status_text(args: &RunArgs, host: &Host, core: &Core, gate: &Gate, started: I
         let _ = writeln!(t, "endpoint_port {p}");
     }
     let _ = writeln!(t, "max_mss {}", core.max_mss());
+    let on = |b: bool| if b { "on" } else { "off" };
+    let _ = writeln!(
+        t,
+        "offloads tun {} udp_gso {} udp_gro {}",
+        on(tun_offload),
+        on(udp.gso()),
+        on(udp.gro())
+    );
     let _ = writeln!(t, "uptime_seconds {}", now.saturating_duration_since(started).as_secs());
     if let Some(store) = core.store() {
         let _ = writeln!(

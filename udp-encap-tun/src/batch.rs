@@ -1,0 +1,225 @@
+//! Batched UDP I/O: many datagrams per system call.
+//!
+//! Per-packet cost is what limits a user-space tunnel, so the data path moves
+//! trains of datagrams. Sending uses UDP GSO (`UDP_SEGMENT`): one `sendmsg`
+//! carries up to [`MAX_GSO_SEGMENTS`] equal-sized datagrams (the last may be
+//! shorter) gathered straight from the buffers they were built in (one iovec
+//! each, no copy into a staging buffer); the kernel, or the NIC, cuts them
+//! apart. Receiving uses UDP GRO: the kernel hands over a train of datagrams
+//! from one source in one buffer, with the segment size in a control message.
+//!
+//! Both are optional kernel features (GSO since 4.18, GRO since 5.0) and a
+//! device may refuse GSO (EIO when it can't checksum). The socket then falls
+//! back for good to one datagram per call, and says so once in the log (the
+//! approach quinn-udp takes).
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddrV4;
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, sendmsg, setsockopt, sockopt,
+};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// The kernel's cap on segments per GSO send (UDP_MAX_SEGMENTS, 64 before
+/// Linux 6.1's raise to 128: the lower value works everywhere).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+/// A GSO train must fit one IPv4 packet's length field.
+pub const MAX_GSO_BYTES: usize = 65_000;
+
+pub struct BatchUdp {
+    sock: UdpSocket,
+    /// Cleared for good the first time the kernel refuses a GSO train.
+    gso: std::cell::Cell<bool>,
+    gro: bool,
+}
+
+/// One receive: `len` bytes from `src`, datagrams of `stride` bytes each
+/// (the last may be shorter). Without GRO, stride == len.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub len: usize,
+    pub src: SocketAddrV4,
+    pub stride: usize,
+}
+
+impl BatchUdp {
+    /// Turns on GRO and checks for GSO; logs what the kernel offers.
+    pub fn new(sock: UdpSocket) -> BatchUdp {
+        let gro = match setsockopt(&sock, sockopt::UdpGroSegment, &true) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("UDP GRO unavailable ({e}): receiving one datagram per call");
+                false
+            }
+        };
+        // Setting a segment size on the socket is how to ask the kernel
+        // whether it knows UDP_SEGMENT; sends set it per message instead.
+        let gso = match setsockopt(&sock, sockopt::UdpGsoSegment, &1400)
+            .and_then(|()| setsockopt(&sock, sockopt::UdpGsoSegment, &0))
+        {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("UDP GSO unavailable ({e}): sending one datagram per call");
+                false
+            }
+        };
+        log::info!(
+            "UDP offloads: GSO {}, GRO {}",
+            if gso { "on" } else { "off" },
+            if gro { "on" } else { "off" }
+        );
+        BatchUdp { sock, gso: std::cell::Cell::new(gso), gro }
+    }
+
+    pub fn gso(&self) -> bool {
+        self.gso.get()
+    }
+
+    pub fn gro(&self) -> bool {
+        self.gro
+    }
+
+    pub async fn readable(&self) -> io::Result<()> {
+        self.sock.readable().await
+    }
+
+    /// One `recvmsg` into `buf`, without waiting.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        let fd = self.sock.as_raw_fd();
+        self.sock.try_io(Interest::READABLE, || {
+            let mut iov = [io::IoSliceMut::new(buf)];
+            let mut cmsg = nix::cmsg_space!(i32);
+            let msg = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+                .map_err(io::Error::from)?;
+            let len = msg.bytes;
+            let mut stride = len;
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::UdpGroSegments(s) = c {
+                        stride = usize::try_from(s).unwrap_or(len);
+                    }
+                }
+            }
+            let src = msg
+                .address
+                .map(|a| SocketAddrV4::new(a.ip(), a.port()))
+                .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+            Ok(Received { len, src, stride: stride.clamp(1, len.max(1)) })
+        })
+    }
+
+    /// Sends `segs` to `to`: each slice one datagram, all but the last of
+    /// equal length (the caller groups them so; at most
+    /// [`MAX_GSO_SEGMENTS`] and [`MAX_GSO_BYTES`] in all). Returns how many
+    /// system calls it took; waits when the socket buffer is full.
+    pub async fn send(&self, to: SocketAddrV4, segs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let addr = SockaddrIn::from(to);
+        if self.gso.get() && segs.len() > 1 {
+            let seg_len = segs.first().map_or(0, |s| s.len());
+            match self.send_msg(&addr, segs, Some(seg_len)).await {
+                Ok(()) => return Ok(1),
+                // EIO: the device can't checksum GSO trains; EINVAL: a
+                // kernel without UDP_SEGMENT for this path. Fall back for good.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
+                    log::warn!("UDP GSO refused by the kernel ({e}): sending one datagram per call from now on");
+                    self.gso.set(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for s in segs {
+            self.send_msg(&addr, std::slice::from_ref(s), None).await?;
+        }
+        Ok(segs.len())
+    }
+
+    async fn send_msg(&self, addr: &SockaddrIn, iov: &[IoSlice<'_>], gso: Option<usize>) -> io::Result<()> {
+        let fd = self.sock.as_raw_fd();
+        let seg = gso.and_then(|g| u16::try_from(g).ok()).unwrap_or(0);
+        loop {
+            self.sock.writable().await?;
+            let r = self.sock.try_io(Interest::WRITABLE, || {
+                let gso_cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+                let cmsgs: &[ControlMessage] = if gso.is_some() { &gso_cmsg } else { &[] };
+                sendmsg(fd, iov, cmsgs, MsgFlags::empty(), Some(addr))
+                    .map(|_| ())
+                    .map_err(io::Error::from)
+            });
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Splits `plan` (datagram lengths in send order, each with its destination)
+/// into GSO trains: runs to one destination where every datagram but the
+/// last has the first one's length, within the kernel's limits. Returns the
+/// end index (exclusive) of the train that starts at `start`.
+pub fn train_end<T: PartialEq>(plan: &[(T, usize)], start: usize) -> usize {
+    let Some((to, first_len)) = plan.get(start) else { return start };
+    let mut end = start + 1;
+    let mut bytes = *first_len;
+    while let Some((next_to, len)) = plan.get(end) {
+        if next_to != to
+            || *len > *first_len
+            || end - start >= MAX_GSO_SEGMENTS
+            || bytes + len > MAX_GSO_BYTES
+        {
+            break;
+        }
+        bytes += len;
+        end += 1;
+        if *len < *first_len {
+            break; // a shorter datagram ends a train
+        }
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trains(plan: &[(u8, usize)]) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < plan.len() {
+            let e = train_end(plan, i);
+            assert!(e > i, "progress");
+            out.push((i, e));
+            i = e;
+        }
+        out
+    }
+
+    #[test]
+    fn trains_follow_destination_and_length() {
+        assert_eq!(trains(&[]), vec![]);
+        assert_eq!(trains(&[(1, 100)]), vec![(0, 1)]);
+        // equal lengths, one destination: one train
+        assert_eq!(trains(&[(1, 100), (1, 100), (1, 100)]), vec![(0, 3)]);
+        // a shorter last datagram joins and ends the train
+        assert_eq!(trains(&[(1, 100), (1, 100), (1, 40), (1, 100)]), vec![(0, 3), (3, 4)]);
+        // a longer one starts a new train
+        assert_eq!(trains(&[(1, 100), (1, 200)]), vec![(0, 1), (1, 2)]);
+        // another destination starts a new train
+        assert_eq!(trains(&[(1, 100), (2, 100), (2, 100), (1, 100)]), vec![(0, 1), (1, 3), (3, 4)]);
+    }
+
+    #[test]
+    fn trains_respect_kernel_limits() {
+        let many = vec![(1u8, 100usize); 150];
+        assert_eq!(trains(&many), vec![(0, 64), (64, 128), (128, 150)]);
+        let big = vec![(1u8, 1400usize); 60];
+        let t = trains(&big);
+        assert_eq!(t[0], (0, 46), "46 * 1400 = 64400 fits, 47 would not");
+        for (s, e) in t {
+            assert!((e - s) * 1400 <= MAX_GSO_BYTES);
+        }
+    }
+}
