@@ -45,8 +45,13 @@ step() { printf '\n%s== %s%s\n' "$B" "$*" "$N"; }
 note() { printf '   %s\n' "$*"; }
 show() { printf '   %s$ %s%s\n' "$D" "$*" "$N"; }   # print a command
 run() { show "$*"; "$@"; }                          # print and run it
-in_srv() { nsenter --net="/run/netns/$SRV" -- "$@"; }
-in_cli() { nsenter --net="/run/netns/$CLI" -- "$@"; }
+# Run a command in a namespace. For background jobs use the arrays, never the
+# functions: `function &` forks a subshell, so $! would be the subshell's PID
+# and a signal would not reach the program itself.
+IN_SRV=(nsenter --net="/run/netns/$SRV" --)
+IN_CLI=(nsenter --net="/run/netns/$CLI" --)
+in_srv() { "${IN_SRV[@]}" "$@"; }
+in_cli() { "${IN_CLI[@]}" "$@"; }
 fail() { printf '\n%sdemo FAILED: %s%s\n' "$R" "$*" "$N" >&2; exit 1; }
 now() { date +%s.%N; }
 
@@ -55,24 +60,37 @@ now() { date +%s.%N; }
 # scratch directory. Idempotent; runs on every exit path.
 teardown() {
     local pid i
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do
         for ((i = 0; i < 30; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         if kill -0 "$pid" 2>/dev/null; then
             echo "   process $pid ignored SIGTERM for 3 s: SIGKILL" >&2
-            kill -KILL "$pid" 2>/dev/null
+            kill -KILL "$pid" 2>/dev/null || true
         fi
     done
     PIDS=()
-    ip netns del "$CLI" 2>/dev/null
-    ip netns del "$SRV" 2>/dev/null
+    ip netns del "$CLI" 2>/dev/null || true
+    ip netns del "$SRV" 2>/dev/null || true
     rm -rf "$WORK"
     return 0
+}
+# diagnose: after a failure, what the daemons say about themselves.
+diagnose() {
+    local d ns tun
+    for d in "server $SRV $S_TUN" "client $CLI $C_TUN"; do
+        set -- $d
+        [[ -s $WORK/$1.log || -S /dev/null ]] || continue
+        echo "   --- $1 daemon: udp-encap-tun status --interface $3" >&2
+        timeout 5 nsenter --net="/run/netns/$2" -- "$BIN" status --interface "$3" 2>&1 | sed 's/^/   | /' >&2
+        echo "   --- $1 daemon: last lines of its log" >&2
+        tail -n 15 "$WORK/$1.log" 2>/dev/null | sed 's/^/   | /' >&2
+    done
 }
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM ERR
     set +e
+    (( rc == 0 )) || [[ -z ${C_PID:-} ]] || diagnose
     teardown
     exit "$rc"
 }
@@ -121,10 +139,10 @@ transfer() {
     head -c $((MIB * 1024 * 1024)) /dev/urandom >"$src"
     if [[ $dir == up ]]; then
         show "(server) socat -u TCP-LISTEN:$port,bind=198.18.0.1,reuseaddr CREATE:recv.bin &"
-        in_srv socat -u "TCP-LISTEN:$port,bind=198.18.0.1,reuseaddr" "CREATE:$dst" &
+        "${IN_SRV[@]}" socat -u "TCP-LISTEN:$port,bind=198.18.0.1,reuseaddr" "CREATE:$dst" &
     else
-        show "(server) socat -u TCP-LISTEN:$port,bind=198.18.0.1,reuseaddr OPEN:send.bin &"
-        in_srv socat -u "TCP-LISTEN:$port,bind=198.18.0.1,reuseaddr" "OPEN:$src" &
+        show "(server) socat -u OPEN:send.bin TCP-LISTEN:$port,bind=198.18.0.1,reuseaddr &"
+        "${IN_SRV[@]}" socat -u "OPEN:$src" "TCP-LISTEN:$port,bind=198.18.0.1,reuseaddr" &
     fi
     lpid=$!; PIDS+=("$lpid")
     wait_until 10 "listener" bash -c "nsenter --net=/run/netns/$SRV -- ss -Htln 'sport = :$port' | grep -q ." \
@@ -132,11 +150,11 @@ transfer() {
     t0=$(now)
     if [[ $dir == up ]]; then
         show "(client) socat -u OPEN:send.bin TCP:192.0.2.1:$port"
-        in_cli timeout 120 socat -u "OPEN:$src" "TCP:192.0.2.1:$port,connect-timeout=10" \
+        in_cli timeout 60 socat -u "OPEN:$src" "TCP:192.0.2.1:$port,connect-timeout=10" \
             || fail "client -> server transfer: socat exited with $? (connection through the tunnel failed or stalled)"
     else
         show "(client) socat -u TCP:192.0.2.1:$port CREATE:recv.bin"
-        in_cli timeout 120 socat -u "TCP:192.0.2.1:$port,connect-timeout=10" "CREATE:$dst" \
+        in_cli timeout 60 socat -u "TCP:192.0.2.1:$port,connect-timeout=10" "CREATE:$dst" \
             || fail "server -> client transfer: socat exited with $? (connection through the tunnel failed or stalled)"
     fi
     wait_until 30 "receiver done" bash -c "! kill -0 $lpid" || fail "the server-side socat did not finish"
@@ -195,9 +213,9 @@ C_PID=$DAEMON_PID
 
 step "3. $MIB MiB client -> server over TCP through the tunnel, sha256 checked; tcpdump watching"
 show "(server) tcpdump -ni $S_UP -w uplink.pcap &      (client) tcpdump -ni $C_TUN -c 6 -w tun.pcap &"
-in_srv tcpdump -ni "$S_UP" -s 128 -B 8192 -U -Z root -w "$WORK/uplink.pcap" 2>"$WORK/tcpdump-up.err" &
+"${IN_SRV[@]}" tcpdump -ni "$S_UP" -s 128 -B 8192 -U -Z root -w "$WORK/uplink.pcap" 2>"$WORK/tcpdump-up.err" &
 TD_UP=$!; PIDS+=("$TD_UP")
-in_cli tcpdump -ni "$C_TUN" -s 128 -c 6 -U -Z root -w "$WORK/tun.pcap" 2>"$WORK/tcpdump-tun.err" &
+"${IN_CLI[@]}" tcpdump -ni "$C_TUN" -s 128 -c 6 -U -Z root -w "$WORK/tun.pcap" 2>"$WORK/tcpdump-tun.err" &
 TD_TUN=$!; PIDS+=("$TD_TUN")
 wait_until 10 "tcpdump" grep -q listening "$WORK/tcpdump-up.err" || fail "tcpdump did not start on $S_UP: $(cat "$WORK/tcpdump-up.err")"
 wait_until 10 "tcpdump" grep -q listening "$WORK/tcpdump-tun.err" || fail "tcpdump did not start on $C_TUN: $(cat "$WORK/tcpdump-tun.err")"
@@ -225,18 +243,25 @@ RATE_DOWN=$RATE
 
 step "6. iperf3 through the tunnel, $IPERF_SECS s each way"
 show "(server) iperf3 -s -B 198.18.0.1 &"
-in_srv iperf3 -s -B 198.18.0.1 -p 5201 >"$WORK/iperf-server.log" 2>&1 &
+"${IN_SRV[@]}" iperf3 -s -B 198.18.0.1 -p 5201 >"$WORK/iperf-server.log" 2>&1 &
 PIDS+=("$!")
 wait_until 10 "iperf3 server" bash -c "nsenter --net=/run/netns/$SRV -- ss -Htln 'sport = :5201' | grep -q ." \
     || fail "iperf3 server did not start: $(cat "$WORK/iperf-server.log")"
 iperf up;   BR_UP=$BITRATE
 iperf down; BR_DOWN=$BITRATE
 
-step "7. The daemons' own view: counters and peers"
-show "nsenter --net=/run/netns/$SRV -- udp-encap-tun status --interface $S_TUN"
-in_srv "$BIN" status --interface "$S_TUN" | sed 's/^/   | /'
-show "nsenter --net=/run/netns/$CLI -- udp-encap-tun status --interface $C_TUN"
-in_cli "$BIN" status --interface "$C_TUN" | sed 's/^/   | /'
+# status: the daemon's report, counters at zero folded into one line.
+status() {
+    local ns=$1 tun=$2
+    show "nsenter --net=/run/netns/$ns -- udp-encap-tun status --interface $tun"
+    nsenter --net="/run/netns/$ns" -- "$BIN" status --interface "$tun" | awk '
+        $1 == "counter" && $3 == "0" { zero = zero " " $2; next }
+        { print "   | " $0 }
+        END { if (zero != "") print "   | (at zero:" zero ")" }' | fold -s -w 110 | sed '2,$s/^\([^ ]\)/   |   \1/'
+}
+step "7. The daemons' own view: counters and peers (the server gave the client 198.18.0.x)"
+status "$SRV" "$S_TUN"
+status "$CLI" "$C_TUN"
 
 step "8. Stop the daemons with SIGTERM, remove the namespaces"
 for d in "server $S_PID" "client $C_PID"; do
@@ -248,6 +273,7 @@ for d in "server $S_PID" "client $C_PID"; do
     note "$1 daemon exited with status $rc"
     (( rc == 0 )) || { tail -n 10 "$WORK/$1.log" | sed 's/^/   | /'; fail "the $1 daemon exited with status $rc on SIGTERM"; }
 done
+C_PID=   # stopped: nothing left to diagnose
 show "ip netns del $CLI; ip netns del $SRV"
 teardown
 printf '\n%sdemo OK%s: 2 x %d MiB through the tunnel with matching sha256 (up %s, down %s); iperf3 %s up, %s down; uplink carried %d UDP datagrams and 0 bare TCP segments\n' \
