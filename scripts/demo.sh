@@ -90,7 +90,11 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM ERR
     set +e
-    (( rc == 0 )) || [[ -z ${C_PID:-} ]] || diagnose
+    case $rc in
+        0) ;;
+        130 | 143) printf '\n%sdemo interrupted%s: cleaning up\n' "$R" "$N" >&2 ;;
+        *) [[ -z ${C_PID:-} ]] || diagnose ;;
+    esac
     teardown
     exit "$rc"
 }
@@ -229,8 +233,8 @@ note "client TUN ($C_TUN): the kernel's TCP segments, as the application sent th
 show "tcpdump -nr tun.pcap -c 4"
 tcpdump -nr "$WORK/tun.pcap" -c 4 2>/dev/null | cut -c 1-150 | sed 's/^/   | /'
 note "server uplink ($S_UP): the same segments as UDP payloads, IPv4 header dropped (SYN: 40 bytes = 20 TCP + 20 options)"
-show "tcpdump -nr uplink.pcap -c 6 'not arp'"
-tcpdump -nr "$WORK/uplink.pcap" -c 6 'not arp' 2>/dev/null | cut -c 1-150 | sed 's/^/   | /'
+show "tcpdump -nr uplink.pcap -c 6 ip"
+tcpdump -nr "$WORK/uplink.pcap" -c 6 ip 2>/dev/null | cut -c 1-150 | sed 's/^/   | /'
 N_UDP=$(tcpdump -nr "$WORK/uplink.pcap" "udp port $PORT" 2>/dev/null | wc -l)
 N_TCP=$(tcpdump -nr "$WORK/uplink.pcap" tcp 2>/dev/null | wc -l)
 note "captured on the uplink during the transfer: $N_UDP UDP datagrams on port $PORT, $N_TCP TCP segments"
