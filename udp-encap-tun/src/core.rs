@@ -264,6 +264,15 @@ impl Core {
         }
     }
 
+    /// Server: removes `peer`'s entry and its gate entry at once (a revoked
+    /// client).
+    pub fn remove_peer(&mut self, peer: SocketAddrV4, gate: &mut dyn PeerGate) -> Option<Entry> {
+        let Role::Server { store, .. } = &mut self.role else { return None };
+        let e = store.remove(peer)?;
+        gate.revoke(peer);
+        Some(e)
+    }
+
     /// Server: removes entries whose time ran out, and their gate entries.
     /// Client: forgets leases that ran out. Returns the removed entries.
     pub fn expire(&mut self, now: Instant, gate: &mut dyn PeerGate, expired: &mut Vec<Entry>) {
@@ -570,6 +579,18 @@ mod tests {
         // the server's traffic to the old address is now discarded
         let mut reply = tcp_packet(SERVER_TUN, gone[0].addr);
         assert_eq!(s.from_tun(&mut reply, t1 + Duration::from_secs(3)), Err(Discard::NoEntry));
+    }
+
+    #[test]
+    fn removed_peer_leaves_store_and_gate() {
+        let now = Instant::now();
+        let mut s = server(true, Duration::from_secs(300));
+        let mut g = gate(10);
+        let addr = s.admit(PEER, now, &mut g).unwrap();
+        assert_eq!(s.remove_peer(PEER, &mut g).map(|e| e.addr), Some(addr));
+        assert!(g.allowed.is_empty());
+        assert!(s.store().unwrap().is_empty());
+        assert!(s.remove_peer(PEER, &mut g).is_none());
     }
 
     #[test]

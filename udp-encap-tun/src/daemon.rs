@@ -6,7 +6,7 @@
 //! ([`DataPath`]), and it goes back to waiting. Timers (expiry), status requests and
 //! signals are branches of the same `select!`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::io::{self, IoSlice};
@@ -20,6 +20,8 @@ use tokio::net::UdpSocket;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
+use crate::auth;
+use crate::authq::{AuthQueue, Enqueued};
 use crate::batch::{self, BatchUdp};
 use crate::cli::{RunArgs, XdpMode};
 use crate::control::{self, StatusRequest};
@@ -172,12 +174,7 @@ fn build_core(args: &RunArgs, host: &Host, counters: Arc<Counters>) -> Result<Co
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(args: RunArgs) -> Result<()> {
-    if !args.insecure_no_auth {
-        bail!(
-            "authentication is not available yet in this build: start with --insecure-no-auth \
-             to run without it (version-1 behaviour: any host that can reach the port gets an entry)"
-        );
-    }
+    let auth_mode = auth::auth_mode_from_args(&args).map_err(|e| anyhow!("{e}"))?;
     let host = inspect_host(&args)?;
     let counters = Arc::new(Counters::default());
     let mut core = build_core(&args, &host, counters.clone())?;
@@ -185,11 +182,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (tun, offload) = open_tun(&args.interface)?;
     let udp = BatchUdp::new(open_udp(args.listen_port, &args.bind_to_interface)?);
     let mut gate = open_gate(&args)?;
+    let mut auth = Auth::start(auth_mode, &args, &counters)?;
 
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
     let status_task = tokio::spawn(control::serve(status_listener, status_tx));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
 
     log::info!(
         "{} on {} ({}/{}, MTU {}), UDP port {} on {} (MTU {}), MSS clamp {}, entry timeout {:?}",
@@ -216,10 +215,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
             r = tun.readable() => {
                 r.context("waiting on the TUN")?;
                 path.tun_to_udp(&tun, &udp, &mut core).await?;
+                if !path.need_auth.is_empty() {
+                    auth.enqueue(&mut path.need_auth, &counters);
+                }
             }
             r = udp.readable() => {
                 r.context("waiting on the UDP socket")?;
                 path.udp_to_tun(&udp, &tun, &mut core, &mut gate).await;
+            }
+            Some(req) = recv_some(&mut auth.requests) => {
+                auth.admit(req, &mut core, &mut gate, &counters, args.entry_timeout);
+            }
+            Some(done) = recv_some(&mut auth.done) => {
+                let flush = auth.finished(done, &mut core, &mut gate, &counters);
+                path.send_queued(flush, &udp, &mut core).await;
             }
             _ = ticker.tick() => {
                 let now = Instant::now();
@@ -227,18 +236,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     expired.clear();
                     core.expire(now, &mut gate, &mut expired);
                     for e in &expired {
+                        auth.forget(e.peer);
                         log::info!("entry expired: {} -> {}", e.peer, e.addr);
                     }
                 }
+                auth.tick(now, &mut core, &mut gate);
             }
             Some(reply) = status_rx.recv() => {
-                let text = status_text(&args, &host, &core, &gate, &udp, offload, started, Instant::now());
+                let text = status_text(&args, &host, &core, &gate, &auth, &udp, offload, started, Instant::now());
                 let _ = reply.send(text);
             }
+            _ = sighup.recv() => auth.reload(&mut core, &mut gate),
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
         }
     }
+    auth.stop();
     status_task.abort();
     drop(gate);
     log::info!("stopped cleanly");
@@ -327,6 +340,8 @@ struct DataPath {
     rx: Vec<Vec<u8>>,
     gro: tun_rs::GROTable,
     io_log: RateLimitedLog,
+    /// Client: packets for servers without a lease, handed to [`Auth`].
+    need_auth: Vec<(Ipv4Addr, Vec<u8>)>,
 }
 
 impl DataPath {
@@ -343,6 +358,7 @@ impl DataPath {
             rx: (0..PACKETS).map(|_| Vec::with_capacity(VNET + HEADROOM + 2048)).collect(),
             gro: tun_rs::GROTable::default(),
             io_log: RateLimitedLog::default(),
+            need_auth: Vec::new(),
         }
     }
 
@@ -372,7 +388,7 @@ impl DataPath {
                         self.plan.push((to, payload.len()));
                         self.spans.push((i, payload));
                     }
-                    Ok(FromTun::NeedAuth { .. }) => self.counters.discard(Discard::AuthQueue),
+                    Ok(FromTun::NeedAuth { server }) => self.need_auth.push((server, pkt.to_vec())),
                     Err(_) => {} // counted by the core
                 }
             }
@@ -403,6 +419,32 @@ impl DataPath {
             }
         }
         Ok(())
+    }
+
+    /// Client: packets that waited for authentication, now that it is done.
+    async fn send_queued(&mut self, queued: VecDeque<Vec<u8>>, udp: &BatchUdp, core: &mut Core) {
+        let now = Instant::now();
+        for mut pkt in queued {
+            match core.from_tun(&mut pkt, now) {
+                Ok(FromTun::Send { to, payload }) => {
+                    let seg = pkt.get(payload).unwrap_or(&[]);
+                    match udp.send(to, &[IoSlice::new(seg)]).await {
+                        Ok(calls) => {
+                            self.counters.add(Traffic::UdpSendCalls, calls as u64);
+                            self.counters.add(Traffic::UdpTxPackets, 1);
+                            self.counters.add(Traffic::UdpTxBytes, seg.len() as u64);
+                        }
+                        Err(e) => {
+                            self.counters.discard(Discard::IoError);
+                            self.io_log.log(now, || format!("sending to {to}: {e}"));
+                        }
+                    }
+                }
+                // The lease was refused by the gate (map full): counted there.
+                Ok(FromTun::NeedAuth { .. }) => self.counters.discard(Discard::AuthQueue),
+                Err(_) => {}
+            }
+        }
     }
 
     /// UDP to TUN: receive trains until the batch is full or the socket is
@@ -466,6 +508,223 @@ impl DataPath {
     }
 }
 
+/// Waits on an optional channel: never ready when there is none.
+async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+type AuthDone = (Ipv4Addr, Instant, Result<auth::Lease, auth::AuthError>);
+
+/// Authentication as the daemon's loop sees it.
+///
+/// Server: the TLS listener runs in its own task and asks the loop, through
+/// `requests`, to admit each client that proved its credential; the loop
+/// creates the entry (and the XDP map entry) before the client hears yes.
+/// Client: authentications run in their own tasks, one per server at a time,
+/// and report to the loop through `done`; packets wait in [`AuthQueue`].
+struct Auth {
+    requests: Option<mpsc::Receiver<auth::AuthRequest>>,
+    done: Option<mpsc::Receiver<AuthDone>>,
+    done_tx: Option<mpsc::Sender<AuthDone>>,
+    server: Option<(auth::AuthServerHandle, tokio::task::JoinHandle<()>)>,
+    client: Option<Arc<auth::AuthClient>>,
+    /// Server: which client id each entry belongs to (revocation).
+    owners: HashMap<SocketAddrV4, String>,
+    queue: AuthQueue,
+    last_reload_check: Option<Instant>,
+}
+
+impl Auth {
+    fn start(mode: auth::AuthMode, args: &RunArgs, counters: &Arc<Counters>) -> Result<Auth> {
+        let mut a = Auth {
+            requests: None,
+            done: None,
+            done_tx: None,
+            server: None,
+            client: None,
+            owners: HashMap::new(),
+            queue: AuthQueue::default(),
+            last_reload_check: None,
+        };
+        match mode {
+            auth::AuthMode::Insecure => {
+                log::warn!(
+                    "authentication is off (--insecure-no-auth): any host that can reach UDP port {} {}",
+                    args.listen_port,
+                    if args.is_client() { "can inject segments" } else { "gets an entry" }
+                );
+            }
+            auth::AuthMode::Server(cfg) => {
+                let srv = auth::AuthServer::bind(args.listen_port, &args.bind_to_interface, cfg, counters.clone())
+                    .map_err(|e| anyhow!("{e}"))?;
+                let handle = srv.handle();
+                let (tx, rx) = mpsc::channel(64);
+                let task = tokio::spawn(srv.run(tx));
+                log::info!("authentication on TCP port {} ({})", args.listen_port, args.bind_to_interface);
+                a.requests = Some(rx);
+                a.server = Some((handle, task));
+            }
+            auth::AuthMode::Client(cfg) => {
+                let port = args.endpoint_port.unwrap_or(args.listen_port);
+                let client = auth::AuthClient::new(cfg, args.listen_port, &args.bind_to_interface, port)
+                    .map_err(|e| anyhow!("{e}"))?;
+                let (tx, rx) = mpsc::channel(64);
+                a.client = Some(Arc::new(client));
+                a.done = Some(rx);
+                a.done_tx = Some(tx);
+            }
+        }
+        Ok(a)
+    }
+
+    /// Server: a client proved its credential; create or refresh its entry.
+    fn admit(&mut self, req: auth::AuthRequest, core: &mut Core, gate: &mut Gate, counters: &Counters, lease: Duration) {
+        let answer = match core.admit(req.peer, Instant::now(), gate) {
+            Ok(addr) => {
+                log::info!("client {} authenticated from {} -> {addr}", req.client_id, req.peer);
+                self.owners.insert(req.peer, req.client_id);
+                Ok(auth::Granted { addr, lease })
+            }
+            Err(_) => {
+                counters.discard(Discard::PoolFull);
+                Err(auth::Refused::PoolFull)
+            }
+        };
+        // The client may have gone (deadline): nothing to do then.
+        let _ = req.reply.send(answer);
+    }
+
+    /// Client: packets for servers without a lease.
+    fn enqueue(&mut self, pkts: &mut Vec<(Ipv4Addr, Vec<u8>)>, counters: &Counters) {
+        let now = Instant::now();
+        for (server, pkt) in pkts.drain(..) {
+            match self.queue.enqueue(server, &pkt, now) {
+                Enqueued::StartAuth => self.spawn(server),
+                Enqueued::Waiting => {}
+                Enqueued::Dropped => counters.discard(Discard::AuthQueue),
+            }
+        }
+    }
+
+    fn spawn(&self, server: Ipv4Addr) {
+        let (Some(client), Some(tx)) = (self.client.clone(), self.done_tx.clone()) else { return };
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = client.authenticate(server).await;
+            let _ = tx.send((server, started, r)).await;
+        });
+    }
+
+    /// Client: an authentication ended; the packets to send now.
+    fn finished(&mut self, done: AuthDone, core: &mut Core, gate: &mut Gate, counters: &Counters) -> VecDeque<Vec<u8>> {
+        let (server, started, result) = done;
+        match result {
+            Ok(lease) => {
+                // The server's entry lives `duration` from when it answered,
+                // which is after `started`: counting from `started` ends our
+                // lease a little before the server's.
+                match core.grant_lease(server, lease.duration, started, gate) {
+                    Ok(()) => {
+                        log::info!("authenticated with {server}: lease {:?}, our address there {}", lease.duration, lease.addr);
+                        self.queue.succeeded(server)
+                    }
+                    Err(_) => {
+                        log::warn!("authenticated with {server} but the XDP map is full (raise --xdp-map-size)");
+                        let n = self.queue.failed(server, Instant::now());
+                        counters.discard_n(Discard::AuthQueue, n as u64);
+                        VecDeque::new()
+                    }
+                }
+            }
+            Err(e) => {
+                let n = self.queue.failed(server, Instant::now());
+                counters.discard_n(Discard::AuthQueue, n as u64);
+                log::warn!("authentication with {server} failed ({n} waiting packets dropped): {e}");
+                VecDeque::new()
+            }
+        }
+    }
+
+    /// Timers: client renewals; server reload of a changed client list.
+    fn tick(&mut self, now: Instant, core: &mut Core, gate: &mut Gate) {
+        if self.client.is_some() {
+            for server in core.leases_to_renew(now) {
+                if self.queue.start_renewal(server, now) {
+                    log::debug!("renewing the lease with {server}");
+                    self.spawn(server);
+                }
+            }
+            self.queue.prune(now);
+        }
+        if self.server.is_some() && self.last_reload_check.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+            self.last_reload_check = Some(now);
+            if let Some((h, _)) = &self.server {
+                match h.reload_if_changed() {
+                    Ok(Some(n)) => {
+                        log::info!("client list changed: {n} clients");
+                        self.drop_revoked(core, gate);
+                    }
+                    Ok(None) => {}
+                    Err(e) => log::error!("client list unreadable, keeping the old one: {e}"),
+                }
+            }
+        }
+    }
+
+    /// SIGHUP: re-read the client list now.
+    fn reload(&mut self, core: &mut Core, gate: &mut Gate) {
+        let Some((h, _)) = &self.server else {
+            log::info!("SIGHUP: nothing to reload in this mode");
+            return;
+        };
+        match h.reload() {
+            Ok(n) => {
+                log::info!("SIGHUP: client list reloaded, {n} clients");
+                self.drop_revoked(core, gate);
+            }
+            Err(e) => log::error!("SIGHUP: client list unreadable, keeping the old one: {e}"),
+        }
+    }
+
+    /// Removes at once the entries of clients no longer in the list.
+    fn drop_revoked(&mut self, core: &mut Core, gate: &mut Gate) {
+        let Some((h, _)) = &self.server else { return };
+        let revoked: Vec<_> = self
+            .owners
+            .iter()
+            .filter(|(_, id)| !h.is_known_client(id))
+            .map(|(p, id)| (*p, id.clone()))
+            .collect();
+        for (peer, id) in revoked {
+            self.owners.remove(&peer);
+            if let Some(e) = core.remove_peer(peer, gate) {
+                log::info!("client {id} revoked: entry {peer} -> {} removed", e.addr);
+            }
+        }
+    }
+
+    fn forget(&mut self, peer: SocketAddrV4) {
+        self.owners.remove(&peer);
+    }
+
+    fn stats(&self) -> Option<Arc<auth::AuthStats>> {
+        match (&self.server, &self.client) {
+            (Some((h, _)), _) => Some(h.stats()),
+            (_, Some(c)) => Some(c.stats()),
+            _ => None,
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some((_, task)) = &self.server {
+            task.abort();
+        }
+    }
+}
+
 /// Logs a recurring I/O problem at most once a second, with how many were
 /// suppressed: a flood must not turn into a flood of log lines.
 #[derive(Default)]
@@ -496,6 +755,7 @@ fn status_text(
     host: &Host,
     core: &Core,
     gate: &Gate,
+    auth: &Auth,
     udp: &BatchUdp,
     tun_offload: bool,
     started: Instant,
@@ -546,6 +806,11 @@ fn status_text(
     }
     for (name, v) in core.counters().snapshot() {
         let _ = writeln!(t, "counter {name} {v}");
+    }
+    if let Some(stats) = auth.stats() {
+        for (name, v) in stats.snapshot() {
+            let _ = writeln!(t, "counter {name} {v}");
+        }
     }
     if let Gate::Xdp(g) = gate {
         match g.counters() {

@@ -18,6 +18,7 @@
 //!   the TUN device, the eBPF program, the status socket.
 
 pub mod auth;
+pub mod authq;
 pub mod batch;
 pub mod cli;
 pub mod core;
