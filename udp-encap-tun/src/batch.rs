@@ -182,6 +182,7 @@ pub fn train_end<T: PartialEq>(plan: &[(T, usize)], start: usize) -> usize {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

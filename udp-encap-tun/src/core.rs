@@ -659,7 +659,7 @@ mod tests {
                         (x >> 16) as u8
                     })
                     .collect();
-                if len > 0 && x % 2 == 0 {
+                if len > 0 && x.is_multiple_of(2) {
                     bytes[0] = 0x45;
                 }
                 let _ = s.from_tun(&mut bytes.clone(), now);

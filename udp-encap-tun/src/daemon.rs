@@ -261,7 +261,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 /// The peer gate in front of the socket: the XDP program, or nothing.
 pub enum Gate {
     Off,
-    Xdp(XdpGate),
+    Xdp(Box<XdpGate>),
 }
 
 /// Attaches the XDP gate. Enforcement (dropping datagrams from peers without
@@ -274,7 +274,7 @@ fn open_gate(args: &RunArgs) -> Result<Gate> {
     }
     let enforce = !args.insecure_no_auth;
     match XdpGate::attach(&args.bind_to_interface, args.listen_port, args.xdp_map_size, args.xdp_mode, enforce) {
-        Ok(g) => Ok(Gate::Xdp(g)),
+        Ok(g) => Ok(Gate::Xdp(Box::new(g))),
         Err(e) if args.xdp_mode == XdpMode::Auto => {
             log::warn!(
                 "XDP gate unavailable, running without it (the daemon still checks every datagram): {:#}",
