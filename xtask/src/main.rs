@@ -6,6 +6,7 @@ mod ci;
 mod demo;
 mod deps;
 mod ebpf;
+mod fuzz;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -21,6 +22,14 @@ struct Cli {
 enum Command {
     /// Build the XDP program (udp-encap-tun-ebpf) for bpfel-unknown-none.
     BuildEbpf,
+    /// Run the fuzz targets (fuzz/, cargo-fuzz on nightly) from the committed seeds; fails on a crash.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// One target (default: all of them).
+        target: Option<String>,
+    },
     /// Install what is missing: apt packages, rust-src/clippy, bpf-linker; check TUN and bpffs.
     Deps,
     /// Build the eBPF object and the workspace, run all tests (root), then clippy.
@@ -34,6 +43,7 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf => ebpf::build_ebpf().map(|_| ()),
+        Command::Fuzz { seconds, target } => fuzz::fuzz(seconds, target),
         Command::Deps => deps::deps(),
         Command::Test(args) => ci::test(&args),
         Command::Ci => ci::ci(),
