@@ -2,6 +2,7 @@
 //!
 //! Each command lives in its own module; this file only dispatches.
 
+mod bench;
 mod ci;
 mod demo;
 mod deps;
@@ -38,6 +39,8 @@ enum Command {
     Ci,
     /// Two namespaces, a server and a client daemon, real TCP through the tunnel.
     Demo,
+    /// Tunnel vs raw veth: throughput (1 and 4 flows, both directions), daemon CPU per GB, request/response latency.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -48,5 +51,6 @@ fn main() -> Result<()> {
         Command::Test(args) => ci::test(&args),
         Command::Ci => ci::ci(),
         Command::Demo => demo::demo(),
+        Command::Bench(args) => bench::bench(&args),
     }
 }
