@@ -38,6 +38,7 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("nftables", "NAT router namespace in the tests"),
     ("ethtool", "offload settings on veth in the tests"),
     ("kmod", "modprobe tun when /dev/net/tun is missing"),
+    ("procps", "sysctl in the test namespaces (absent from minimal images)"),
 ];
 
 /// The bpf-linker release checked with LLVM 22 and Rust 1.95 (TOOLCHAIN.md).
