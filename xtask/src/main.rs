@@ -8,6 +8,7 @@ mod demo;
 mod deps;
 mod ebpf;
 mod fuzz;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -41,6 +42,8 @@ enum Command {
     Demo,
     /// Tunnel vs raw veth: throughput (1 and 4 flows, both directions), daemon CPU per GB, request/response latency.
     Bench(bench::BenchArgs),
+    /// Boot Debian kernels (6.1, 6.12) in qemu and run the integration tests inside.
+    VmTest(vm::VmTestArgs),
 }
 
 fn main() -> Result<()> {
@@ -52,5 +55,6 @@ fn main() -> Result<()> {
         Command::Ci => ci::ci(),
         Command::Demo => demo::demo(),
         Command::Bench(args) => bench::bench(&args),
+        Command::VmTest(args) => vm::vm_test(&args),
     }
 }
