@@ -476,7 +476,10 @@ impl KernelRun {
         if !self.times.is_empty() {
             s.push_str(&format!(" [{}]", self.times.join(", ")));
         }
-        s.push_str(&format!("\n  guest output: {}/", self.out_dir.display()));
+        s.push_str(&format!(
+            "\n  guest output: {}/ (what the tests call target/tmp/ is its cargo-tmp/)",
+            self.out_dir.display()
+        ));
         if !self.failures.is_empty() {
             s.push_str(&format!("\n  failed: {}", self.failures.join(", ")));
         }
