@@ -8,8 +8,9 @@
 //! apart. Receiving uses UDP GRO: the kernel hands over a train of datagrams
 //! from one source in one buffer, with the segment size in a control message.
 //!
-//! Both are optional kernel features (GSO since 4.18, GRO since 5.0) and a
-//! device may refuse GSO (EIO when it can't checksum). The socket then falls
+//! Both are optional kernel features (GSO since 4.18, GRO since 5.0), and
+//! before Linux 6.11 a device that can't checksum refuses a GSO train with
+//! EIO (newer kernels checksum in software instead). The socket then falls
 //! back for good to one datagram per call, and says so once in the log (the
 //! approach quinn-udp takes).
 

@@ -74,10 +74,23 @@ pub enum FromTun {
 struct Lease {
     granted: Instant,
     until: Instant,
-    /// Last packet to or from the server; a lease is renewed only while
-    /// traffic flows.
-    active: Instant,
+    /// Last packet sent to the server.
+    sent: Instant,
+    /// Last datagram received from it.
+    heard: Instant,
 }
+
+impl Lease {
+    /// A lease is renewed only while traffic flows in either direction.
+    fn active(&self) -> Instant {
+        self.sent.max(self.heard)
+    }
+}
+
+/// A server that has not answered for this long while we kept sending has
+/// probably lost our entry (restarted): authenticate again without waiting
+/// for the lease to run out.
+pub const SILENT_SERVER: Duration = Duration::from_secs(3);
 
 #[derive(Debug)]
 pub enum Role {
@@ -166,7 +179,7 @@ impl Core {
             Role::Client { endpoint_port, auth, leases } => {
                 if *auth {
                     match leases.get_mut(&t.dst) {
-                        Some(LeaseSlot(l)) if now < l.until => l.active = now,
+                        Some(LeaseSlot(l)) if now < l.until => l.sent = now,
                         _ => return Ok(FromTun::NeedAuth { server: t.dst }),
                     }
                 }
@@ -223,7 +236,7 @@ impl Core {
                 if *auth {
                     match leases.get_mut(src.ip()) {
                         Some(LeaseSlot(l)) if src.port() == *endpoint_port && now < l.until => {
-                            l.active = now
+                            l.heard = now
                         }
                         _ => return self.discard(Discard::Unauthenticated),
                     }
@@ -319,23 +332,28 @@ impl Core {
             if !leases.contains_key(&server) && gate.allow(peer).is_err() {
                 return Err(Refusal::GateFull);
             }
-            let active = leases.get(&server).map_or(now, |LeaseSlot(l)| l.active);
-            leases.insert(server, LeaseSlot(Lease { granted: now, until: now + duration, active }));
+            // A new lease starts as heard from: the server just answered.
+            let sent = leases.get(&server).map_or(now, |LeaseSlot(l)| l.sent);
+            leases.insert(server, LeaseSlot(Lease { granted: now, until: now + duration, sent, heard: now }));
         }
         Ok(())
     }
 
     /// Client: servers whose lease is past two thirds of its life and that
-    /// exchanged traffic within the last third of it; idle leases lapse.
+    /// exchanged traffic within the last third of it (idle leases lapse),
+    /// and servers that have been silent for [`SILENT_SERVER`] while we kept
+    /// sending (a restarted server has forgotten us).
     pub fn leases_to_renew(&self, now: Instant) -> Vec<Ipv4Addr> {
         match &self.role {
             Role::Client { leases, .. } => leases
                 .iter()
                 .filter(|(_, LeaseSlot(l))| {
                     let life = l.until.saturating_duration_since(l.granted);
-                    now >= l.granted + life * 2 / 3
-                        && now.saturating_duration_since(l.active) < life / 3
-                        && now < l.until
+                    let due = now >= l.granted + life * 2 / 3
+                        && now.saturating_duration_since(l.active()) < life / 3;
+                    let silent = l.sent.saturating_duration_since(l.heard) >= SILENT_SERVER
+                        && now.saturating_duration_since(l.granted) >= SILENT_SERVER;
+                    (due || silent) && now < l.until
                 })
                 .map(|(s, _)| *s)
                 .collect(),
@@ -614,6 +632,7 @@ mod tests {
         // active lease: renewed after two thirds of its life
         let t20 = t0 + Duration::from_secs(20);
         assert!(matches!(c.from_tun(&mut tcp_packet(CLIENT_TUN, SERVER_REAL), t20), Ok(FromTun::Send { .. })));
+        assert!(c.from_udp(from_server, &mut datagram(&seg), seg.len(), t20, &mut g).is_ok());
         assert!(c.leases_to_renew(t0 + Duration::from_secs(19)).is_empty());
         assert_eq!(c.leases_to_renew(t0 + Duration::from_secs(21)), vec![SERVER_REAL]);
         // lapsed lease: traffic needs authentication again, and the gate forgets the server
@@ -622,6 +641,36 @@ mod tests {
         c.expire(late, &mut g, &mut gone);
         assert!(g.allowed.is_empty());
         assert_eq!(c.from_tun(&mut tcp_packet(CLIENT_TUN, SERVER_REAL), late), Ok(FromTun::NeedAuth { server: SERVER_REAL }));
+    }
+
+    #[test]
+    fn a_silent_server_is_authenticated_again() {
+        let t0 = Instant::now();
+        let mut c = client(true);
+        let mut g = gate(10);
+        c.grant_lease(SERVER_REAL, Duration::from_secs(300), t0, &mut g).unwrap();
+        let from_server = SocketAddrV4::new(SERVER_REAL, 12345);
+        let seg = tcp_packet(SERVER_REAL, CLIENT_TUN)[20..].to_vec();
+        let send = |c: &mut Core, at| {
+            assert!(matches!(c.from_tun(&mut tcp_packet(CLIENT_TUN, SERVER_REAL), at), Ok(FromTun::Send { .. })));
+        };
+        // sending and hearing back: nothing to do
+        for s in 1..10 {
+            let at = t0 + Duration::from_secs(s);
+            send(&mut c, at);
+            c.from_udp(from_server, &mut datagram(&seg), seg.len(), at, &mut g).unwrap();
+            assert!(c.leases_to_renew(at).is_empty(), "at {s} s");
+        }
+        // the server goes quiet while we keep sending (it restarted)
+        send(&mut c, t0 + Duration::from_secs(11));
+        assert!(c.leases_to_renew(t0 + Duration::from_secs(11)).is_empty(), "2 s of silence is not enough");
+        send(&mut c, t0 + Duration::from_millis(12_100));
+        assert_eq!(c.leases_to_renew(t0 + Duration::from_millis(12_100)), vec![SERVER_REAL]);
+        // a fresh lease is not questioned at once
+        let t1 = t0 + Duration::from_secs(13);
+        c.grant_lease(SERVER_REAL, Duration::from_secs(300), t1, &mut g).unwrap();
+        send(&mut c, t1 + Duration::from_secs(1));
+        assert!(c.leases_to_renew(t1 + Duration::from_secs(1)).is_empty());
     }
 
     #[test]

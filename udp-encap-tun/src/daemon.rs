@@ -97,7 +97,7 @@ fn path_mtu(host: &Host) -> u16 {
 /// or without them where the kernel or the device refuses.
 fn open_tun(name: &str) -> Result<(tun_rs::AsyncDevice, bool)> {
     let builder = || tun_rs::DeviceBuilder::new().name(name).inherit_enable_state();
-    match builder().offload(true).build_async() {
+    let offload_error = match builder().offload(true).build_async() {
         Ok(dev) => {
             log::info!(
                 "TUN offloads on {name}: TSO/checksum {}, USO {}",
@@ -106,22 +106,22 @@ fn open_tun(name: &str) -> Result<(tun_rs::AsyncDevice, bool)> {
             );
             return Ok((dev, true));
         }
-        Err(e) if !matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) => {
-            log::warn!("TUN offloads unavailable on {name} ({e}): one packet per read and write");
-        }
-        Err(_) => {}
-    }
+        Err(e) => e,
+    };
     let dev = builder().build_async().map_err(|e| match e.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EACCES) => anyhow!(
             "not allowed to open TUN {name} ({e}): run as root, or give the binary \
              CAP_NET_ADMIN and CAP_NET_RAW (`setcap cap_net_admin,cap_net_raw,cap_bpf,cap_sys_admin+ep BINARY`)"
         ),
         Some(libc::EINVAL) | Some(libc::EBUSY) => anyhow!(
-            "{name} cannot be opened as a TUN device ({e}): it is not a TUN (a TAP, a veth, ...) \
-             or another program holds it with other flags; make one with `ip tuntap add dev {name} mode tun`"
+            "{name} cannot be opened as a TUN device ({e}): it is not a TUN (a TAP, a veth, ...), \
+             it was made with `multi_queue`, or another program holds it with other flags; \
+             make one with `ip tuntap add dev {name} mode tun`"
         ),
         _ => anyhow!("cannot open TUN {name}: {e}"),
     })?;
+    // The plain open worked, so it was the offloads that were refused.
+    log::warn!("TUN offloads unavailable on {name} ({offload_error}): one packet per read and write");
     Ok((dev, false))
 }
 
@@ -133,14 +133,7 @@ fn open_udp(port: u16, uplink: &str) -> Result<UdpSocket> {
         ),
         _ => anyhow!("cannot bind the UDP socket to {uplink}: {e}"),
     })?;
-    for (what, r) in [
-        ("receive", s.set_recv_buffer_size(SOCKET_BUFFER)),
-        ("send", s.set_send_buffer_size(SOCKET_BUFFER)),
-    ] {
-        if let Err(e) = r {
-            log::warn!("cannot size the UDP {what} buffer: {e}");
-        }
-    }
+    size_buffers(&s);
     let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
     s.bind(&addr.into()).map_err(|e| match e.raw_os_error() {
         Some(libc::EADDRINUSE) => anyhow!(
@@ -152,6 +145,35 @@ fn open_udp(port: u16, uplink: &str) -> Result<UdpSocket> {
     })?;
     s.set_nonblocking(true)?;
     Ok(UdpSocket::from_std(s.into())?)
+}
+
+/// Sizes the socket buffers so that a burst of full trains does not overflow
+/// them while the loop serves the other direction. The FORCE variants (root)
+/// go past net.core.rmem_max/wmem_max, whose defaults (208 KB) are far too
+/// small for 64 KB trains; without privilege, the plain ones do what they can.
+fn size_buffers(s: &Socket) {
+    use std::os::fd::AsRawFd;
+    let size = libc::c_int::try_from(SOCKET_BUFFER).unwrap_or(libc::c_int::MAX);
+    for (force, plain, what) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "receive"),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "send"),
+    ] {
+        let set = |opt| {
+            // SAFETY: `size` outlives the call; the length matches its type.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 && set(plain) != 0 {
+            log::warn!("cannot size the UDP {what} buffer: {}", io::Error::last_os_error());
+        }
+    }
 }
 
 fn build_core(args: &RunArgs, host: &Host, counters: Arc<Counters>) -> Result<Core> {
@@ -640,6 +662,7 @@ impl Auth {
                 }
             }
             Err(e) => {
+                counters.discard(Discard::AuthFailure);
                 let n = self.queue.failed(server, Instant::now());
                 counters.discard_n(Discard::AuthQueue, n as u64);
                 log::warn!("authentication with {server} failed ({n} waiting packets dropped): {e}");

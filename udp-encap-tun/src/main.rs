@@ -17,8 +17,10 @@ fn main() -> ExitCode {
         (Some(cli::Command::Credentials(args)), _) => {
             udp_encap_tun::auth::run_credentials_command(&args)
         }
-        (None, Some(args)) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        // One thread: the data path polls epoll itself, so a packet's wake-up
+        // never crosses threads (a futex round trip per batch otherwise).
+        // Authentication tasks are rare and short and share it.
+        (None, Some(args)) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
