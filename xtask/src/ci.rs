@@ -15,7 +15,7 @@
 //!    tests so a lint never hides a test result.
 //!
 //! `ci` is `deps` then `test`: the README's one command for a fresh machine,
-//! and what `.ci/run` calls.
+//! and what `.ci/run` calls. `ci --vm` adds the VM kernels (`vm::run`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -44,8 +44,17 @@ pub fn test(args: &TestArgs) -> Result<()> {
     finish("test", &summary, t0.elapsed())
 }
 
-/// `cargo xtask ci`: deps, then test.
-pub fn ci() -> Result<()> {
+#[derive(Default, clap::Args)]
+pub struct CiArgs {
+    /// Then boot Debian kernels 6.1 and 6.12 in qemu and run the kernel-facing
+    /// tests inside (xdp_prog, xdp_netns, harness_selftest; see docs/vm.md).
+    /// Adds several minutes of software emulation.
+    #[arg(long)]
+    pub vm: bool,
+}
+
+/// `cargo xtask ci`: deps, then test, then (with `--vm`) the VM kernels.
+pub fn ci(args: &CiArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut summary = Summary::default();
     if summary.step("deps", || deps::ensure().map(|()| String::new())) {
@@ -53,6 +62,17 @@ pub fn ci() -> Result<()> {
     } else {
         for n in STEPS {
             summary.skip(n);
+        }
+    }
+    if args.vm {
+        if summary.ok() {
+            let vm_args = crate::vm::VmTestArgs {
+                tests: ["xdp_prog", "xdp_netns", "harness_selftest"].map(String::from).to_vec(),
+                ..Default::default()
+            };
+            summary.step("vm", || crate::vm::run(&vm_args));
+        } else {
+            summary.skip("vm");
         }
     }
     finish("ci", &summary, t0.elapsed())

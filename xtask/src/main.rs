@@ -36,8 +36,8 @@ enum Command {
     Deps,
     /// Build the eBPF object and the workspace, run all tests (root), then clippy.
     Test(ci::TestArgs),
-    /// What CI runs on a fresh machine: `deps`, then `test`.
-    Ci,
+    /// What CI runs on a fresh machine: `deps`, then `test` (`--vm`: then the VM kernels).
+    Ci(ci::CiArgs),
     /// Two namespaces, a server and a client daemon, real TCP through the tunnel.
     Demo,
     /// Tunnel vs raw veth: throughput (1 and 4 flows, both directions), daemon CPU per GB, request/response latency.
@@ -52,7 +52,7 @@ fn main() -> Result<()> {
         Command::Fuzz { seconds, target } => fuzz::fuzz(seconds, target),
         Command::Deps => deps::deps(),
         Command::Test(args) => ci::test(&args),
-        Command::Ci => ci::ci(),
+        Command::Ci(args) => ci::ci(&args),
         Command::Demo => demo::demo(),
         Command::Bench(args) => bench::bench(&args),
         Command::VmTest(args) => vm::vm_test(&args),
