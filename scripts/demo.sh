@@ -15,6 +15,8 @@
 #                  uplink 192.0.2.2/24 ======veth====== uplink 192.0.2.1/24
 #                          (TCP segments travel as UDP datagrams, port 12345)
 #
+# The client authenticates first (TLS 1.3 over TCP to the server's port
+# 12345, credentials made by `udp-encap-tun credentials`, docs/auth.md).
 # Everything lives in two namespaces named after this script's PID; they, the
 # processes started here and the scratch directory are removed on every exit
 # path (success, error, Ctrl-C, SIGTERM). Nothing touches the host's own
@@ -206,16 +208,26 @@ run ip -n "$CLI" link set "$C_TUN" mtu 1400 up
 run ip -n "$CLI" route add 192.0.2.1/32 dev "$C_TUN" src 198.19.0.2
 note "the client's daemon still reaches 192.0.2.1 over the uplink: its socket is bound to $C_UP (SO_BINDTODEVICE)"
 
-step "2. Start the daemons (server: no --endpoint-port; client: --endpoint-port $PORT)"
-note "--insecure-no-auth: version-1 behaviour, acceptable only on a closed network like this one"
+step "2. Credentials: a server certificate, one client credential (docs/auth.md)"
+CREDS=$WORK/creds
+show "udp-encap-tun credentials server --dir $CREDS"
+"$BIN" credentials server --dir "$CREDS" | sed 's/^/   | /'
+show "udp-encap-tun credentials client --dir $CREDS --name demo-client"
+"$BIN" credentials client --dir "$CREDS" --name demo-client | sed 's/^/   | /'
+note "the client authenticates over TLS 1.3 to the server's TCP port $PORT before its first datagram;"
+note "on a real network, copy demo-client.credential to the client over a channel you trust"
+
+step "3. Start the daemons (server: no --endpoint-port; client: --endpoint-port $PORT)"
 start_daemon server "$SRV" "$S_TUN" "$WORK/server.log" \
-    --interface "$S_TUN" --listen-port "$PORT" --bind-to-interface "$S_UP" --insecure-no-auth
+    --interface "$S_TUN" --listen-port "$PORT" --bind-to-interface "$S_UP" \
+    --cert "$CREDS/server.crt" --key "$CREDS/server.key" --clients "$CREDS/clients.txt"
 S_PID=$DAEMON_PID
 start_daemon client "$CLI" "$C_TUN" "$WORK/client.log" \
-    --interface "$C_TUN" --listen-port "$PORT" --bind-to-interface "$C_UP" --endpoint-port "$PORT" --insecure-no-auth
+    --interface "$C_TUN" --listen-port "$PORT" --bind-to-interface "$C_UP" --endpoint-port "$PORT" \
+    --credential "$CREDS/demo-client.credential"
 C_PID=$DAEMON_PID
 
-step "3. $MIB MiB client -> server over TCP through the tunnel, sha256 checked; tcpdump watching"
+step "4. $MIB MiB client -> server over TCP through the tunnel, sha256 checked; tcpdump watching"
 show "(server) tcpdump -ni $S_UP -w uplink.pcap &      (client) tcpdump -ni $C_TUN -c 6 -w tun.pcap &"
 "${IN_SRV[@]}" tcpdump -ni "$S_UP" -s 128 -B 8192 -U -Z root -w "$WORK/uplink.pcap" 2>"$WORK/tcpdump-up.err" &
 TD_UP=$!; PIDS+=("$TD_UP")
@@ -228,24 +240,26 @@ RATE_UP=$RATE
 kill -INT "$TD_UP" "$TD_TUN" 2>/dev/null || true
 wait_until 10 "tcpdump flushed" bash -c "! kill -0 $TD_UP" || fail "tcpdump on $S_UP did not stop"
 
-step "4. What travelled: TCP on the client's TUN, UDP on the wire"
+step "5. What travelled: TCP on the client's TUN, UDP on the wire"
 note "client TUN ($C_TUN): the kernel's TCP segments, as the application sent them"
 show "tcpdump -nr tun.pcap -c 4"
 tcpdump -nr "$WORK/tun.pcap" -c 4 2>/dev/null | cut -c 1-150 | sed 's/^/   | /'
 note "server uplink ($S_UP): the same segments as UDP payloads, IPv4 header dropped (SYN: 40 bytes = 20 TCP + 20 options)"
-show "tcpdump -nr uplink.pcap -c 6 ip"
-tcpdump -nr "$WORK/uplink.pcap" -c 6 ip 2>/dev/null | cut -c 1-150 | sed 's/^/   | /'
+show "tcpdump -nr uplink.pcap -c 6 udp"
+tcpdump -nr "$WORK/uplink.pcap" -c 6 udp 2>/dev/null | cut -c 1-150 | sed 's/^/   | /'
 N_UDP=$(tcpdump -nr "$WORK/uplink.pcap" "udp port $PORT" 2>/dev/null | wc -l)
-N_TCP=$(tcpdump -nr "$WORK/uplink.pcap" tcp 2>/dev/null | wc -l)
-note "captured on the uplink during the transfer: $N_UDP UDP datagrams on port $PORT, $N_TCP TCP segments"
+N_AUTH=$(tcpdump -nr "$WORK/uplink.pcap" "tcp port $PORT" 2>/dev/null | wc -l)
+N_TCP=$(tcpdump -nr "$WORK/uplink.pcap" "tcp and not port $PORT" 2>/dev/null | wc -l)
+note "captured on the uplink during the transfer: $N_UDP UDP datagrams on port $PORT (the tunnel),"
+note "$N_AUTH TCP segments on port $PORT (the client's TLS authentication), $N_TCP other TCP segments"
 (( N_UDP > 0 )) || fail "no UDP datagrams on port $PORT seen on the uplink"
-(( N_TCP == 0 )) || fail "$N_TCP bare TCP segments seen on the uplink: traffic bypassed the tunnel"
+(( N_TCP == 0 )) || fail "$N_TCP bare TCP segments (not the authentication) seen on the uplink: traffic bypassed the tunnel"
 
-step "5. $MIB MiB server -> client, sha256 checked"
+step "6. $MIB MiB server -> client, sha256 checked"
 transfer down 5002
 RATE_DOWN=$RATE
 
-step "6. iperf3 through the tunnel, $IPERF_SECS s each way"
+step "7. iperf3 through the tunnel, $IPERF_SECS s each way"
 show "(server) iperf3 -s -B 198.18.0.1 &"
 "${IN_SRV[@]}" iperf3 -s -B 198.18.0.1 -p 5201 >"$WORK/iperf-server.log" 2>&1 &
 PIDS+=("$!")
@@ -263,11 +277,11 @@ status() {
         { print "   | " $0 }
         END { if (zero != "") print "   | (at zero:" zero ")" }' | fold -s -w 110 | sed '2,$s/^\([^ ]\)/   |   \1/'
 }
-step "7. The daemons' own view: counters and peers (the server gave the client 198.18.0.x)"
+step "8. The daemons' own view: counters and peers (the server gave the client 198.18.0.x)"
 status "$SRV" "$S_TUN"
 status "$CLI" "$C_TUN"
 
-step "8. Stop the daemons with SIGTERM, remove the namespaces"
+step "9. Stop the daemons with SIGTERM, remove the namespaces"
 for d in "server $S_PID" "client $C_PID"; do
     set -- $d
     show "kill -TERM $2"
@@ -280,5 +294,5 @@ done
 C_PID=   # stopped: nothing left to diagnose
 show "ip netns del $CLI; ip netns del $SRV"
 teardown
-printf '\n%sdemo OK%s: 2 x %d MiB through the tunnel with matching sha256 (up %s, down %s); iperf3 %s up, %s down; uplink carried %d UDP datagrams and 0 bare TCP segments\n' \
+printf '\n%sdemo OK%s: 2 x %d MiB through the tunnel with matching sha256 (up %s, down %s); iperf3 %s up, %s down; uplink carried %d UDP datagrams, no TCP besides the TLS authentication\n' \
     "$G" "$N" "$MIB" "$RATE_UP" "$RATE_DOWN" "$BR_UP" "$BR_DOWN" "$N_UDP"
