@@ -66,7 +66,8 @@ pub fn mss_value_offset(seg: &[u8]) -> Option<usize> {
                     return None;
                 }
                 if kind == 2 && len == 4 {
-                    return Some(at + 2);
+                    // An unchecked segment may end inside its own header.
+                    return mss_at(seg, at + 2).map(|_| at + 2);
                 }
                 at += len;
             }
