@@ -254,7 +254,14 @@ pub fn clamp_mss(seg: &mut [u8], max_mss: u16) -> bool {
                         return false;
                     }
                     let Some(c) = be16(seg, tcp::CHECKSUM) else { return false };
-                    let c = update16(c, mss, max_mss);
+                    // At an odd offset the field straddles two of the words
+                    // the checksum adds, and counts there byte-swapped
+                    // (RFC 1071, "byte order independence"). Found by fuzzing.
+                    let c = if (at + 2) % 2 == 0 {
+                        update16(c, mss, max_mss)
+                    } else {
+                        update16(c, mss.swap_bytes(), max_mss.swap_bytes())
+                    };
                     return set_be16(seg, at + 2, max_mss).is_some()
                         && set_be16(seg, tcp::CHECKSUM, c).is_some();
                 }
@@ -505,6 +512,24 @@ mod tests {
         assert!(clamp_mss(&mut nops, 1400));
         assert_eq!(&nops[26..28], &1400u16.to_be_bytes());
         assert!(tcp_ok(A, B, &nops));
+    }
+
+    #[test]
+    fn clamps_an_mss_option_at_an_odd_offset() {
+        // The fuzzer's find: options NOP, MSS 1460, NOP x3 put the MSS value
+        // at segment offset 23. A SYN from 198.19.0.2 to 192.0.2.1.
+        let pkt: Vec<u8> = (0..48)
+            .map(|i| {
+                let hex = "45000030055040004006ad61c6130002c00002019c40005000000001000000007002faf0b637000001020405b4010101";
+                u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).unwrap()
+            })
+            .collect();
+        let t = parse_ipv4_tcp(&pkt).unwrap();
+        let mut seg = pkt[t.segment.clone()].to_vec();
+        assert!(tcp_ok(t.src, t.dst, &seg), "the fixture is valid");
+        assert!(clamp_mss(&mut seg, 1360));
+        assert_eq!(&seg[23..25], &1360u16.to_be_bytes());
+        assert!(tcp_ok(t.src, t.dst, &seg), "still valid after clamping at an odd offset");
     }
 
     #[test]
