@@ -157,7 +157,7 @@ fn run(args: &BenchArgs) -> Result<()> {
         (args.runs, args.seconds)
     };
     let rr_seconds = if args.quick { 0.5 } else { 1.0 };
-    let root = workspace_root();
+    let root = crate::workspace_root();
     let bin = match &args.daemon {
         Some(p) => p
             .canonicalize()
@@ -369,13 +369,6 @@ fn iperf(t: &mut Topology, addr: &str, case: Case, seconds: u32, tunnel: bool) -
         retransmits,
         cpu,
     })
-}
-
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| ".".into())
 }
 
 /// The eBPF object, then a release daemon (what users run).

@@ -157,7 +157,7 @@ fn run_test(args: &TestArgs, s: &mut Summary) -> Result<()> {
     deps::require_root(
         "the test suite builds network namespaces, veth pairs, TUN devices and XDP programs",
     )?;
-    let root = workspace_root();
+    let root = crate::workspace_root();
     let locked = std::env::var_os("CI").is_some();
 
     let ebpf = || {
@@ -191,13 +191,6 @@ fn run_test(args: &TestArgs, s: &mut Summary) -> Result<()> {
         });
     }
     Ok(())
-}
-
-fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|p| p.to_path_buf())
-        .unwrap_or_else(|| ".".into())
 }
 
 fn cargo(root: &std::path::Path, sub: &str, locked: bool) -> Command {

@@ -116,7 +116,12 @@ fn package_names() -> Vec<&'static str> {
 
 /// The packages of [`APT_PACKAGES`] that dpkg does not report as installed.
 fn missing_packages() -> Result<Vec<&'static str>> {
-    let names = package_names();
+    not_installed(package_names())
+}
+
+/// The packages of `names` that dpkg does not have installed ("ii"; a
+/// multi-arch name like `libc6-dev:amd64` counts for `libc6-dev`).
+pub fn not_installed(names: Vec<&str>) -> Result<Vec<&str>> {
     // Unknown packages are reported on stderr and left out of stdout, so the
     // exit status is not an error here.
     let out = Command::new("dpkg-query")
@@ -133,7 +138,7 @@ fn missing_packages() -> Result<Vec<&'static str>> {
             let mut f = l.split_whitespace();
             let name = f.next()?;
             // "ii" = wanted install, installed; anything else (rc, iU...) is not usable.
-            (f.next()? == "ii").then_some(name)
+            (f.next()? == "ii").then_some(name.split(':').next().unwrap_or(name))
         })
         .collect();
     Ok(names.into_iter().filter(|n| !installed.contains(n)).collect())

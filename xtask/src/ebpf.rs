@@ -60,7 +60,7 @@ impl Route {
 }
 
 pub fn build_ebpf() -> Result<PathBuf> {
-    let root = workspace_root()?;
+    let root = crate::workspace_root();
     let crate_dir = root.join(CRATE_DIR);
     let path = path_with_cargo_bin();
     if find_in_path(&path, "bpf-linker").is_none() {
@@ -245,17 +245,6 @@ fn check_object(obj: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn workspace_root() -> Result<PathBuf> {
-    // xtask lives in <root>/xtask.
-    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    manifest
-        .parent()
-        .map(Path::to_path_buf)
-        .context("xtask's manifest directory has no parent")
 }
 
 /// PATH with ~/.cargo/bin (or $CARGO_HOME/bin) appended, where

@@ -31,7 +31,7 @@ struct Outcome {
 }
 
 pub fn fuzz(seconds: u64, target: Option<String>) -> Result<()> {
-    let root = workspace_root()?;
+    let root = crate::workspace_root();
     let dir = root.join("fuzz");
     ensure_cargo_fuzz()?;
 
@@ -210,15 +210,4 @@ fn list_targets(dir: &Path) -> Result<Vec<String>> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn workspace_root() -> Result<PathBuf> {
-    // xtask lives in <root>/xtask.
-    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    manifest
-        .parent()
-        .map(Path::to_path_buf)
-        .context("xtask's manifest directory has no parent")
 }

@@ -46,6 +46,14 @@ enum Command {
     VmTest(vm::VmTestArgs),
 }
 
+/// The repository root: xtask lives in `<root>/xtask`.
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| ".".into())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf => ebpf::build_ebpf().map(|_| ()),

@@ -172,15 +172,8 @@ pub fn run(args: &VmTestArgs) -> Result<String> {
 
 // ---- tools ----
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| ".".into())
-}
-
 fn tools_dir() -> PathBuf {
-    repo_root().join(".tools")
+    crate::workspace_root().join(".tools")
 }
 
 /// Install what VM runs need and is missing: [`APT_PACKAGES`], virtme-ng in
@@ -234,23 +227,7 @@ pub fn ensure_vm_tools() -> Result<Tools> {
 
 fn apt_packages() -> Result<()> {
     let names: Vec<&str> = APT_PACKAGES.iter().map(|(n, _)| *n).collect();
-    let out = Command::new("dpkg-query")
-        .args(["-W", "-f=${Package} ${db:Status-Abbrev}\\n"])
-        .args(&names)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .context("running dpkg-query (vm-test installs with apt, Debian 12)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let installed: Vec<&str> = text
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let name = f.next()?;
-            (f.next()? == "ii").then_some(name.split(':').next().unwrap_or(name))
-        })
-        .collect();
-    let missing: Vec<&str> = names.into_iter().filter(|n| !installed.contains(n)).collect();
+    let missing = deps::not_installed(names)?;
     if missing.is_empty() {
         println!("vm: apt: all {} packages present", APT_PACKAGES.len());
         return Ok(());
@@ -389,7 +366,7 @@ fn build_test_binaries(only: &[String]) -> Result<Vec<TestBinary>> {
     crate::ebpf::build_ebpf()?;
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.args(["test", "-p", "udp-encap-tun", "--no-run", "--message-format=json-render-diagnostics"])
-        .current_dir(repo_root());
+        .current_dir(crate::workspace_root());
     if std::env::var_os("CI").is_some() {
         c.arg("--locked");
     }
@@ -500,7 +477,7 @@ impl KernelRun {
 }
 
 fn boot_and_test(tools: &Tools, k: &Kernel, bins: &[TestBinary], args: &VmTestArgs) -> Result<KernelRun> {
-    let out_dir = repo_root().join("target/vm-test").join(&k.series);
+    let out_dir = crate::workspace_root().join("target/vm-test").join(&k.series);
     if out_dir.exists() {
         fs::remove_dir_all(&out_dir).with_context(|| format!("clearing {}", out_dir.display()))?;
     }
@@ -536,7 +513,7 @@ fn boot_and_test(tools: &Tools, k: &Kernel, bins: &[TestBinary], args: &VmTestAr
         .arg("--exec")
         .arg(format!("sh {}", out_dir.join("guest.sh").display()))
         .env("PATH", &tools.path)
-        .current_dir(repo_root());
+        .current_dir(crate::workspace_root());
     println!("\n==== vm-test {} ({}), output in {}/", k.series, k.version, out_dir.display());
     println!("+ {}", show(&c));
     let t0 = Instant::now();
