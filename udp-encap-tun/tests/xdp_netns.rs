@@ -887,8 +887,10 @@ fn kill9_leaves_pins_and_restart_starts_fresh() {
     );
     assert!(st.counter("xdp_pass") > 0, "{}", st.raw);
     let cst = client.status();
+    // The lease may already have lapsed here (2 s, and the client is idle
+    // after the transfer; slow under emulation): the new grant is the proof.
     assert!(
-        cst.counter("auth_granted") > granted && has_lease(&cst),
+        cst.counter("auth_granted") > granted,
         "client did not authenticate with the new server:\n{}",
         cst.raw
     );

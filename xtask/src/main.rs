@@ -36,7 +36,7 @@ enum Command {
     Deps,
     /// Build the eBPF object and the workspace, run all tests (root), then clippy.
     Test(ci::TestArgs),
-    /// What CI runs on a fresh machine: `deps`, then `test` (`--vm`: then the VM kernels).
+    /// What CI runs on a fresh machine: `deps`, `test`, then the tests under kernels 6.1 and 6.12 in qemu.
     Ci(ci::CiArgs),
     /// Two namespaces, a server and a client daemon, real TCP through the tunnel.
     Demo,
