@@ -853,7 +853,7 @@ fn status_text(
         for e in entries {
             let idle = now.saturating_duration_since(e.refreshed);
             let left = store.timeout().saturating_sub(idle);
-            let _ = writeln!(
+            let _ = write!(
                 t,
                 "peer {} {} idle_ms {} expires_in_ms {}",
                 e.peer,
@@ -861,6 +861,10 @@ fn status_text(
                 idle.as_millis(),
                 left.as_millis()
             );
+            let _ = match auth.owners.get(&e.peer) {
+                Some(id) => writeln!(t, " client {id}"),
+                None => writeln!(t),
+            };
         }
     }
     let leases: HashMap<_, _> = core.leases().into_iter().collect();
