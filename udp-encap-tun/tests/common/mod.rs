@@ -246,6 +246,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        remove_pins_of(&self.path());
         let out = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
@@ -259,6 +260,25 @@ impl Drop for Netns {
             Err(e) => eprintln!("warning: ip netns del {}: {e}", self.name),
         }
     }
+}
+
+/// Removes the XDP pin directories of daemons that lived in the namespace at
+/// `ns_path` (named `<netns inode>-<uplink>-<port>`). A daemon stopped by
+/// SIGTERM removes its own; one killed with -9, or left by a failing test,
+/// does not, and its namespace is about to go, so nothing can use them.
+fn remove_pins_of(ns_path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(ns_path) else { return };
+    let root = Path::new("/sys/fs/bpf/udp-encap-tun");
+    let prefix = format!("{}-", meta.ino());
+    let Ok(dirs) = fs::read_dir(root) else { return };
+    for d in dirs.flatten() {
+        if d.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = fs::remove_dir_all(d.path());
+        }
+    }
+    // The daemons remove the shared root with their last instance; do the same.
+    let _ = fs::remove_dir(root);
 }
 
 /// Joins the calling thread to `ns` (setns CLONE_NEWNET).
