@@ -257,7 +257,7 @@ pub fn clamp_mss(seg: &mut [u8], max_mss: u16) -> bool {
                     // At an odd offset the field straddles two of the words
                     // the checksum adds, and counts there byte-swapped
                     // (RFC 1071, "byte order independence"). Found by fuzzing.
-                    let c = if (at + 2) % 2 == 0 {
+                    let c = if (at + 2).is_multiple_of(2) {
                         update16(c, mss, max_mss)
                     } else {
                         update16(c, mss.swap_bytes(), max_mss.swap_bytes())
