@@ -529,7 +529,7 @@ mod tests {
 
     #[test]
     fn pool_24_skips_network_broadcast_and_excluded() {
-        let p = Pool::new(ip("198.18.0.1"), 24, &[ip("198.18.0.1"), ip("10.0.0.1")]).unwrap();
+        let p = Pool::new(ip("198.18.0.1"), 24, &[ip("198.18.0.1"), ip("203.0.113.1")]).unwrap();
         assert_eq!(p.network(), ip("198.18.0.0"));
         assert_eq!(p.to_string(), "198.18.0.0/24");
         assert_eq!(p.capacity(), 253);
@@ -610,7 +610,7 @@ mod tests {
 
     #[test]
     fn large_pools_do_not_allocate_per_address() {
-        let p = Pool::new(ip("10.1.2.3"), 8, &[ip("10.0.0.1")]).unwrap();
+        let p = Pool::new(ip("198.1.2.3"), 8, &[ip("198.0.0.1")]).unwrap();
         assert_eq!(p.capacity(), (1 << 24) - 3);
         let p0 = Pool::new(ip("1.2.3.4"), 0, &[]).unwrap();
         assert_eq!(p0.capacity(), u32::MAX - 1);
@@ -625,7 +625,7 @@ mod tests {
 
     #[test]
     fn unique_addresses_for_many_peers() {
-        let mut s = store("10.0.0.0", 16, &[ip("10.0.0.1")]);
+        let mut s = store("198.18.0.0", 16, &[ip("198.18.0.1")]);
         let base = Instant::now();
         let mut seen = HashSet::new();
         for n in 0..20_000 {
