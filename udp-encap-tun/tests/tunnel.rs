@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use common::*;
 
-/// Flags every daemon gets until authentication and the XDP gate land.
+/// These tests pin down version 1 of the design (datagrams create entries)
+/// without the XDP gate; the gate and authentication have their own files
+/// (xdp_netns.rs, auth_netns.rs), over the same topologies.
 const V1: &[&str] = &["--insecure-no-auth", "--xdp-mode", "off"];
 const MIB: u64 = 1024 * 1024;
 
