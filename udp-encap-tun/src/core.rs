@@ -215,13 +215,30 @@ impl Core {
         let Some(end) = HEADROOM.checked_add(len) else {
             return self.discard(Discard::Malformed);
         };
-        match buf.get(HEADROOM..end) {
-            Some(payload) => {
-                if let Err(reason) = wire::parse_segment(payload) {
-                    return self.discard(reason);
-                }
-            }
-            None => return self.discard(Discard::Malformed),
+        let Some((hdr, seg)) = buf.get_mut(..end).map(|b| b.split_at_mut(HEADROOM)) else {
+            return self.discard(Discard::Malformed);
+        };
+        let inner_src = self.accept_segment(src, seg, now, gate)?;
+        let id = self.next_ip_id();
+        if wire::write_ipv4_header(hdr, inner_src, self.tun_addr, len, id).is_none() {
+            return self.discard(Discard::Malformed);
+        }
+        Ok(0..end)
+    }
+
+    /// A datagram's payload `seg` from `src`, checked and rewritten in place
+    /// for the TUN: MSS clamped, checksum moved from the wire form to the
+    /// pseudo-header (returned source, TUN address). The caller puts an
+    /// IPv4 header from that source to [`Core::tun_addr`] in front of it.
+    pub fn accept_segment(
+        &mut self,
+        src: SocketAddrV4,
+        seg: &mut [u8],
+        now: Instant,
+        gate: &mut dyn PeerGate,
+    ) -> Result<Ipv4Addr, Discard> {
+        if let Err(reason) = wire::parse_segment(seg) {
+            return self.discard(reason);
         }
         let inner_src = match &mut self.role {
             Role::Server { store, auth: false } => match upsert(store, src, now, gate, &self.counters) {
@@ -244,23 +261,22 @@ impl Core {
                 *src.ip()
             }
         };
-        let Some((hdr, rest)) = buf.get_mut(..end).map(|b| b.split_at_mut(HEADROOM)) else {
-            return self.discard(Discard::Malformed);
-        };
-        if wire::clamp_mss(rest, self.max_mss) {
+        if wire::clamp_mss(seg, self.max_mss) {
             self.counters.add(Traffic::MssClamped, 1);
         }
-        self.ip_id = self.ip_id.wrapping_add(1);
-        let tun_addr = self.tun_addr;
-        if wire::rehome_checksum(rest, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, inner_src, tun_addr)
-            .and_then(|()| wire::write_ipv4_header(hdr, inner_src, tun_addr, len, self.ip_id))
-            .is_none()
-        {
+        let zero = Ipv4Addr::UNSPECIFIED;
+        if wire::rehome_checksum(seg, zero, zero, inner_src, self.tun_addr).is_none() {
             return self.discard(Discard::Malformed);
         }
         self.counters.add(Traffic::UdpRxPackets, 1);
-        self.counters.add(Traffic::UdpRxBytes, len as u64);
-        Ok(0..end)
+        self.counters.add(Traffic::UdpRxBytes, seg.len() as u64);
+        Ok(inner_src)
+    }
+
+    /// The ID field for the next rebuilt IPv4 header.
+    pub fn next_ip_id(&mut self) -> u16 {
+        self.ip_id = self.ip_id.wrapping_add(1);
+        self.ip_id
     }
 
     /// Server: a peer authenticated (or, in version 1, sent a datagram):

@@ -82,12 +82,13 @@ pub enum Traffic {
     /// System calls of the data path: packets per call shows how well
     /// batching (TSO/GSO/GRO) works.
     TunReads,
+    TunWrites,
     UdpSendCalls,
     UdpRecvCalls,
 }
 
 impl Traffic {
-    pub const ALL: [Traffic; 14] = [
+    pub const ALL: [Traffic; 15] = [
         Traffic::TunRxPackets,
         Traffic::TunRxBytes,
         Traffic::UdpTxPackets,
@@ -100,6 +101,7 @@ impl Traffic {
         Traffic::EntriesCreated,
         Traffic::EntriesExpired,
         Traffic::TunReads,
+        Traffic::TunWrites,
         Traffic::UdpSendCalls,
         Traffic::UdpRecvCalls,
     ];
@@ -118,6 +120,7 @@ impl Traffic {
             Traffic::EntriesCreated => "entries_created",
             Traffic::EntriesExpired => "entries_expired",
             Traffic::TunReads => "tun_reads",
+            Traffic::TunWrites => "tun_writes",
             Traffic::UdpSendCalls => "udp_send_calls",
             Traffic::UdpRecvCalls => "udp_recv_calls",
         }

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use crate::auth;
 use crate::authq::{AuthQueue, Enqueued};
 use crate::batch::{self, BatchUdp};
+use crate::gro;
 use crate::cli::{RunArgs, XdpMode};
 use crate::control::{self, StatusRequest};
 use crate::core::{Core, FromTun, GateFull, HEADROOM, PeerGate};
@@ -337,14 +338,18 @@ const TUN_READS_PER_WAKE: usize = 8;
 /// The most packets one TUN read can split into (64 KB / small MSS) and the
 /// most datagrams gathered before one coalescing write to the TUN.
 const PACKETS: usize = tun_rs::IDEAL_BATCH_SIZE;
-/// Bytes before a packet written to the TUN: the virtio-net header.
-const VNET: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+/// GRO trains received per wake-up before the loop looks elsewhere.
+const UDP_RECVS_PER_WAKE: usize = 8;
+/// The most segments in one run written to the TUN: a GRO train holds at
+/// most 64 datagrams.
+const MAX_RUN: usize = batch::MAX_GSO_SEGMENTS;
 const MAX_PACKET: usize = 65536;
 
 /// The buffers of the data path, allocated once. Both directions work in
 /// batches: a TUN read yields up to [`PACKETS`] segments (the kernel's TSO
 /// super-segment, split), which leave in GSO trains; the datagrams of a GRO
-/// receive are rebuilt in place and written to the TUN coalesced.
+/// receive are rewritten where they lie and each run of one flow goes to the
+/// TUN as one super-segment (gro.rs).
 struct DataPath {
     counters: Arc<Counters>,
     offload: bool,
@@ -358,9 +363,12 @@ struct DataPath {
     spans: Vec<(usize, std::ops::Range<usize>)>,
     /// One UDP receive (a GRO train).
     udp_read: Vec<u8>,
-    /// Rebuilt packets waiting for the TUN: [VNET room][IPv4][segment].
+    /// Without offloads: rebuilt packets waiting for the TUN ([IPv4][segment]).
     rx: Vec<Vec<u8>>,
-    gro: tun_rs::GROTable,
+    /// With offloads: the accepted datagrams of one GRO train, and the
+    /// headers written in front of a run.
+    accepted: Vec<std::ops::Range<usize>>,
+    headers: [u8; gro::RUN_HEADER_LEN],
     io_log: RateLimitedLog,
     /// Client: packets for servers without a lease, handed to [`Auth`].
     need_auth: Vec<(Ipv4Addr, Vec<u8>)>,
@@ -371,14 +379,15 @@ impl DataPath {
         DataPath {
             counters,
             offload,
-            tun_read: vec![0; VNET + MAX_PACKET],
+            tun_read: vec![0; tun_rs::VIRTIO_NET_HDR_LEN + MAX_PACKET],
             tx: (0..PACKETS).map(|_| vec![0; MAX_PACKET]).collect(),
             tx_sizes: vec![0; PACKETS],
             plan: Vec::with_capacity(PACKETS),
             spans: Vec::with_capacity(PACKETS),
             udp_read: vec![0; MAX_PACKET],
-            rx: (0..PACKETS).map(|_| Vec::with_capacity(VNET + HEADROOM + 2048)).collect(),
-            gro: tun_rs::GROTable::default(),
+            rx: (0..PACKETS).map(|_| Vec::with_capacity(HEADROOM + 2048)).collect(),
+            accepted: Vec::with_capacity(PACKETS),
+            headers: [0; gro::RUN_HEADER_LEN],
             io_log: RateLimitedLog::default(),
             need_auth: Vec::new(),
         }
@@ -469,9 +478,70 @@ impl DataPath {
         }
     }
 
-    /// UDP to TUN: receive trains until the batch is full or the socket is
-    /// empty, rebuild each datagram in place, write them coalesced.
+    /// UDP to TUN. With TUN offloads each GRO train is rewritten where it
+    /// lies and its runs of one flow go out as one super-segment each
+    /// (gro.rs): one `writev`, no copy. Without them, one write per packet.
     async fn udp_to_tun(&mut self, udp: &BatchUdp, tun: &tun_rs::AsyncDevice, core: &mut Core, gate: &mut Gate) {
+        if !self.offload {
+            return self.udp_to_tun_plain(udp, tun, core, gate).await;
+        }
+        let now = Instant::now();
+        for _ in 0..UDP_RECVS_PER_WAKE {
+            let r = match udp.try_recv(&mut self.udp_read) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // ICMP errors for earlier sends surface here (ECONNREFUSED, ...).
+                    self.counters.discard(Discard::IoError);
+                    self.io_log.log(now, || format!("receiving: {e}"));
+                    continue;
+                }
+            };
+            self.counters.add(Traffic::UdpRecvCalls, 1);
+            let Some(train) = self.udp_read.get_mut(..r.len) else { continue };
+            // 1. Check and rewrite each datagram in place.
+            self.accepted.clear();
+            let mut inner_src = None;
+            let mut at = 0;
+            while at < train.len() {
+                let end = at.saturating_add(r.stride).min(train.len());
+                if let Some(seg) = train.get_mut(at..end)
+                    && let Ok(src) = core.accept_segment(r.src, seg, now, gate)
+                {
+                    inner_src = Some(src); // one train, one peer, one source
+                    self.accepted.push(at..end);
+                }
+                at = end;
+            }
+            let Some(src) = inner_src else { continue };
+            // 2. Write the runs.
+            let mut start = 0;
+            while start < self.accepted.len() {
+                let chunk = self.accepted.get(start..).unwrap_or(&[]);
+                let chunk = chunk.get(..chunk.len().min(MAX_RUN)).unwrap_or(&[]);
+                let mut refs: [&[u8]; MAX_RUN] = [&[]; MAX_RUN];
+                for (slot, range) in refs.iter_mut().zip(chunk) {
+                    *slot = train.get(range.clone()).unwrap_or(&[]);
+                }
+                let count = gro::run_end(refs.get(..chunk.len()).unwrap_or(&[]), 0).max(1);
+                let run = chunk.get(..count).unwrap_or(&[]);
+                start += count;
+                if let Err(e) = write_run(tun, train, run, src, core, &mut self.headers).await {
+                    self.counters.discard_n(Discard::IoError, count as u64);
+                    self.io_log.log(now, || format!("writing to the TUN: {e}"));
+                    continue;
+                }
+                let bytes: usize = run.iter().map(|r| r.len()).sum();
+                self.counters.add(Traffic::TunWrites, 1);
+                self.counters.add(Traffic::TunTxPackets, count as u64);
+                self.counters.add(Traffic::TunTxBytes, (bytes + count * HEADROOM) as u64);
+            }
+        }
+    }
+
+    /// UDP to TUN without offloads: receive trains until the batch is full
+    /// or the socket is empty, rebuild each datagram, one write each.
+    async fn udp_to_tun_plain(&mut self, udp: &BatchUdp, tun: &tun_rs::AsyncDevice, core: &mut Core, gate: &mut Gate) {
         let mut ready = 0;
         let now = Instant::now();
         // Room for one more full GRO train (64 datagrams) in the batch.
@@ -480,7 +550,6 @@ impl DataPath {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    // ICMP errors for earlier sends surface here (ECONNREFUSED, ...).
                     self.counters.discard(Discard::IoError);
                     self.io_log.log(now, || format!("receiving: {e}"));
                     continue;
@@ -491,43 +560,65 @@ impl DataPath {
             for dgram in train.chunks(r.stride) {
                 let Some(out) = self.rx.get_mut(ready) else { break };
                 out.clear();
-                out.resize(VNET + HEADROOM, 0);
+                out.resize(HEADROOM, 0);
                 out.extend_from_slice(dgram);
-                let Some(room) = out.get_mut(VNET..) else { continue };
                 // A discard is counted by the core.
-                if let Ok(range) = core.from_udp(r.src, room, dgram.len(), now, gate) {
-                    out.truncate(VNET + range.end);
+                if let Ok(range) = core.from_udp(r.src, out, dgram.len(), now, gate) {
+                    out.truncate(range.end);
                     ready += 1;
                 }
             }
         }
-        if ready == 0 {
-            return;
-        }
-        let bytes: usize = self.rx.iter().take(ready).map(|b| b.len() - VNET).sum();
-        let rx = self.rx.get_mut(..ready).unwrap_or(&mut []);
-        let written = if self.offload {
-            tun.send_multiple(&mut self.gro, rx, VNET).await.map(|_| ())
-        } else {
-            let mut r = Ok(());
-            for pkt in rx.iter() {
-                if let Err(e) = tun.send(pkt.get(VNET..).unwrap_or(&[])).await {
-                    r = Err(e);
+        for pkt in self.rx.iter().take(ready) {
+            match tun.send(pkt).await {
+                Ok(_) => {
+                    self.counters.add(Traffic::TunWrites, 1);
+                    self.counters.add(Traffic::TunTxPackets, 1);
+                    self.counters.add(Traffic::TunTxBytes, pkt.len() as u64);
                 }
-            }
-            r
-        };
-        match written {
-            Ok(()) => {
-                self.counters.add(Traffic::TunTxPackets, ready as u64);
-                self.counters.add(Traffic::TunTxBytes, bytes as u64);
-            }
-            Err(e) => {
-                self.counters.discard_n(Discard::IoError, ready as u64);
-                self.io_log.log(now, || format!("writing to the TUN: {e}"));
+                Err(e) => {
+                    self.counters.discard(Discard::IoError);
+                    self.io_log.log(now, || format!("writing to the TUN: {e}"));
+                }
             }
         }
     }
+}
+
+/// Writes one run (gro.rs) of the accepted segments `run` of `train` to the
+/// TUN: the rebuilt headers, the first segment whole, the others' payloads.
+async fn write_run(
+    tun: &tun_rs::AsyncDevice,
+    train: &mut [u8],
+    run: &[std::ops::Range<usize>],
+    src: Ipv4Addr,
+    core: &mut Core,
+    headers: &mut [u8; gro::RUN_HEADER_LEN],
+) -> io::Result<()> {
+    let bad = || io::Error::other("a run that does not fit its buffer");
+    let (Some(first), Some(last)) = (run.first(), run.last()) else { return Ok(()) };
+    let thl = train.get(first.clone()).and_then(gro::header_len).ok_or_else(bad)?;
+    let (head, tail) = train.split_at_mut(first.end.min(last.end));
+    let first_seg = head.get_mut(first.clone()).ok_or_else(bad)?;
+    let mut rest: [&[u8]; MAX_RUN] = [&[]; MAX_RUN];
+    for (slot, r) in rest.iter_mut().zip(run.iter().skip(1)) {
+        let shifted = r.start.checked_sub(first.end).ok_or_else(bad)?..r.end.checked_sub(first.end).ok_or_else(bad)?;
+        *slot = tail.get(shifted).ok_or_else(bad)?;
+    }
+    let rest = rest.get(..run.len() - 1).ok_or_else(bad)?;
+    let id = core.next_ip_id();
+    gro::prepare_run(headers, first_seg, rest, src, core.tun_addr(), id).ok_or_else(bad)?;
+    let mut iov = [IoSlice::new(&[]); MAX_RUN + 1];
+    let mut n = 0;
+    for (slot, part) in iov.iter_mut().zip(
+        [headers.as_slice(), &*first_seg]
+            .into_iter()
+            .chain(rest.iter().map(|s| s.get(thl..).unwrap_or(&[]))),
+    ) {
+        *slot = IoSlice::new(part);
+        n += 1;
+    }
+    tun.send_vectored(iov.get(..n).unwrap_or(&[])).await.map(|_| ())
 }
 
 /// Waits on an optional channel: never ready when there is none.

@@ -28,4 +28,5 @@ pub mod wire;
 pub mod xdp;
 pub mod control;
 pub mod daemon;
+pub mod gro;
 pub mod netdev;
