@@ -38,6 +38,51 @@ pub fn mtu(name: &str) -> io::Result<u32> {
     u32::try_from(mtu).map_err(|_| io::Error::other("negative MTU"))
 }
 
+/// `struct ethtool_drvinfo` (linux/ethtool.h), for ETHTOOL_GDRVINFO.
+#[repr(C)]
+struct DrvInfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+
+/// The interface's driver as ethtool names it (`veth`, `tun`, `virtio_net`, ...).
+pub fn driver(name: &str) -> io::Result<String> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    // SAFETY: both are plain old data; all-zero is a valid value.
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    // SAFETY: as above.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO reads ifr_name and fills the
+    // DrvInfo that ifru_data points to; both live for the whole call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(info.driver.len());
+    Ok(String::from_utf8_lossy(info.driver.get(..end).unwrap_or(&[])).into_owned())
+}
+
 /// The interface's IPv4 addresses with their prefix lengths, in the order
 /// the kernel lists them (the primary address first).
 pub fn ipv4_addrs(name: &str) -> io::Result<Vec<(Ipv4Addr, u8)>> {
@@ -81,5 +126,6 @@ mod tests {
         let lo = ipv4_addrs("lo").expect("getifaddrs");
         assert!(lo.contains(&(Ipv4Addr::LOCALHOST, 8)), "{lo:?}");
         assert!(netns_inode().expect("netns") > 0);
+        assert!(driver("no-such-if-x").is_err());
     }
 }

@@ -523,6 +523,21 @@ fn attach_program(
             .attach_to_if_index(ifindex, Kernel::Skb)
             .map(|l| (l, "generic"))
             .map_err(|e| err("generic", String::new(), e)),
+        // Native XDP on a veth makes the kernel take GSO away from its peer
+        // (veth_fix_features), so every UDP GSO train crosses as single
+        // datagrams and the receiving GRO has nothing to merge: measured,
+        // 0.7 Gbit/s native against 3.8 generic. Generic XDP runs once per
+        // train, whose datagrams share one (saddr, sport): the same verdict.
+        XdpMode::Auto if crate::netdev::driver(uplink).is_ok_and(|d| d == "veth") => {
+            log::info!(
+                "{uplink} is a veth: generic XDP, because native XDP on a veth disables \
+                 GSO on its peer and costs the tunnel its batching (--xdp-mode native forces it)"
+            );
+            program
+                .attach_to_if_index(ifindex, Kernel::Skb)
+                .map(|l| (l, "generic"))
+                .map_err(|e| err("generic", String::new(), e))
+        }
         XdpMode::Auto => match program.attach_to_if_index(ifindex, Kernel::Driver) {
             Ok(l) => Ok((l, "native")),
             Err(native) => {
