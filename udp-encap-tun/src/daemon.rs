@@ -34,7 +34,7 @@ use crate::xdp::{XdpError, XdpGate};
 
 /// Socket buffers: a burst of full-size segments must not overflow them
 /// while the loop is busy with the other direction.
-const SOCKET_BUFFER: usize = 4 << 20;
+const SOCKET_BUFFER: usize = 16 << 20;
 /// How often expiry and lease renewal are looked at.
 const TICK: Duration = Duration::from_millis(100);
 
