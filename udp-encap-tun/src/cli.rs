@@ -89,7 +89,8 @@ pub struct RunArgs {
     pub pool: Option<Cidr>,
 
     /// How the XDP gate attaches to the uplink: `auto` tries the driver's
-    /// native mode and falls back to generic (skb) mode; `off` runs without
+    /// native mode and falls back to generic (skb) mode, and takes generic on
+    /// a veth (native XDP there costs the peer its GSO); `off` runs without
     /// the gate (the daemon still checks every datagram itself).
     #[arg(long, value_name = "MODE", value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
