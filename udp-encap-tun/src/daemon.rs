@@ -68,6 +68,11 @@ pub fn inspect_host(args: &RunArgs) -> Result<Host> {
              add one, e.g. `ip addr add 198.18.0.1/24 dev {tun}`"
         );
     };
+    for (dev, what) in [(tun, "nothing is routed into it"), (up, "no datagram leaves or arrives")] {
+        if matches!(netdev::is_up(dev), Ok(false)) {
+            log::warn!("{dev} is down, so {what} until it is up: `ip link set {dev} up`");
+        }
+    }
     let tun_mtu = netdev::mtu(tun).with_context(|| format!("cannot read the MTU of {tun}"))?;
     let uplink_mtu = netdev::mtu(up).with_context(|| format!("cannot read the MTU of {up}"))?;
     if tun_mtu.saturating_add(8) > uplink_mtu {

@@ -38,6 +38,28 @@ pub fn mtu(name: &str) -> io::Result<u32> {
     u32::try_from(mtu).map_err(|_| io::Error::other("negative MTU"))
 }
 
+/// Whether the interface is administratively up (IFF_UP, SIOCGIFFLAGS).
+pub fn is_up(name: &str) -> io::Result<bool> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads ifr_name and writes ifr_flags inside `req`.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: after a successful SIOCGIFFLAGS the union holds ifru_flags.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    Ok(i32::from(flags) & libc::IFF_UP != 0)
+}
+
 /// `struct ethtool_drvinfo` (linux/ethtool.h), for ETHTOOL_GDRVINFO.
 #[repr(C)]
 struct DrvInfo {
@@ -127,5 +149,7 @@ mod tests {
         assert!(lo.contains(&(Ipv4Addr::LOCALHOST, 8)), "{lo:?}");
         assert!(netns_inode().expect("netns") > 0);
         assert!(driver("no-such-if-x").is_err());
+        assert!(is_up("lo").is_ok());
+        assert!(is_up("no-such-if-x").is_err());
     }
 }
