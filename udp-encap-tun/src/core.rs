@@ -40,16 +40,6 @@ pub trait PeerGate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GateFull;
 
-/// A gate that lets everything in (`--xdp-mode off`).
-pub struct OpenGate;
-
-impl PeerGate for OpenGate {
-    fn allow(&mut self, _: SocketAddrV4) -> Result<(), GateFull> {
-        Ok(())
-    }
-    fn revoke(&mut self, _: SocketAddrV4) {}
-}
-
 /// Why a new peer was refused an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -704,7 +694,7 @@ mod tests {
         let mut c = client(false);
         let seg = tcp_packet(SERVER_REAL, CLIENT_TUN)[20..].to_vec();
         let src = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 4000);
-        let r = c.from_udp(src, &mut datagram(&seg), seg.len(), now, &mut OpenGate);
+        let r = c.from_udp(src, &mut datagram(&seg), seg.len(), now, &mut gate(0));
         assert!(r.is_ok());
     }
 
