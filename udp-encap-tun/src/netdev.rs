@@ -15,8 +15,14 @@ pub fn ifindex(name: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
-/// The interface's MTU (SIOCGIFMTU).
-pub fn mtu(name: &str) -> io::Result<u32> {
+/// Runs an interface ioctl (`request`) on a throwaway socket: builds the
+/// `ifreq` for `name`, lets `prepare` fill the request's own field, and
+/// returns the `ifreq` the kernel filled in.
+fn ifreq_ioctl(
+    name: &str,
+    request: libc::c_ulong,
+    prepare: impl FnOnce(&mut libc::ifreq),
+) -> io::Result<libc::ifreq> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -27,12 +33,20 @@ pub fn mtu(name: &str) -> io::Result<u32> {
     for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
-    // SAFETY: SIOCGIFMTU reads ifr_name and writes ifr_mtu inside `req`,
-    // which lives for the whole call.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+    prepare(&mut req);
+    // SAFETY: the interface ioctls used here read ifr_name and write into
+    // `req` (or into the buffer `prepare` pointed ifru_data at, which the
+    // caller keeps alive across this call).
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request, &mut req) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(req)
+}
+
+/// The interface's MTU (SIOCGIFMTU).
+pub fn mtu(name: &str) -> io::Result<u32> {
+    let req = ifreq_ioctl(name, libc::SIOCGIFMTU, |_| {})?;
     // SAFETY: after a successful SIOCGIFMTU the union holds ifru_mtu.
     let mtu = unsafe { req.ifr_ifru.ifru_mtu };
     u32::try_from(mtu).map_err(|_| io::Error::other("negative MTU"))
@@ -40,21 +54,7 @@ pub fn mtu(name: &str) -> io::Result<u32> {
 
 /// Whether the interface is administratively up (IFF_UP, SIOCGIFFLAGS).
 pub fn is_up(name: &str) -> io::Result<bool> {
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    let bytes = name.as_bytes();
-    if bytes.len() >= req.ifr_name.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
-    }
-    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS reads ifr_name and writes ifr_flags inside `req`.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let req = ifreq_ioctl(name, libc::SIOCGIFFLAGS, |_| {})?;
     // SAFETY: after a successful SIOCGIFFLAGS the union holds ifru_flags.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
     Ok(i32::from(flags) & libc::IFF_UP != 0)
@@ -81,26 +81,14 @@ const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
 
 /// The interface's driver as ethtool names it (`veth`, `tun`, `virtio_net`, ...).
 pub fn driver(name: &str) -> io::Result<String> {
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
-    // SAFETY: both are plain old data; all-zero is a valid value.
+    // SAFETY: plain old data; all-zero is a valid value.
     let mut info: DrvInfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
-    // SAFETY: as above.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    let bytes = name.as_bytes();
-    if bytes.len() >= req.ifr_name.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
-    }
-    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
-    // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO reads ifr_name and fills the
-    // DrvInfo that ifru_data points to; both live for the whole call.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SIOCETHTOOL fills the DrvInfo that ifru_data points to; `info` lives
+    // on this frame past the call.
+    ifreq_ioctl(name, libc::SIOCETHTOOL, |req| {
+        req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    })?;
     let end = info.driver.iter().position(|b| *b == 0).unwrap_or(info.driver.len());
     Ok(String::from_utf8_lossy(info.driver.get(..end).unwrap_or(&[])).into_owned())
 }
