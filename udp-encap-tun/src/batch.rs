@@ -157,6 +157,16 @@ impl BatchUdp {
     }
 }
 
+/// How many datagrams of at most `max_datagram` bytes fit one GSO send: the
+/// cap to put on the TUN's TSO super-segments (`gso_max_segs`) so that each
+/// one leaves in a single send. Left at the kernel's 64 KB, a super-segment
+/// of 1368-byte segments holds 48 and needs a second send (and a second
+/// receive and TUN write at the far end) for the last one.
+pub fn segments_per_send(max_datagram: usize) -> u32 {
+    let n = MAX_GSO_BYTES / max_datagram.max(1);
+    u32::try_from(n.clamp(1, MAX_GSO_SEGMENTS)).unwrap_or(1)
+}
+
 /// Splits `plan` (datagram lengths in send order, each with its destination)
 /// into GSO trains: runs to one destination where every datagram but the
 /// last has the first one's length, within the kernel's limits. Returns the
@@ -211,6 +221,17 @@ mod tests {
         assert_eq!(trains(&[(1, 100), (1, 200)]), vec![(0, 1), (1, 2)]);
         // another destination starts a new train
         assert_eq!(trains(&[(1, 100), (2, 100), (2, 100), (1, 100)]), vec![(0, 1), (1, 3), (3, 4)]);
+    }
+
+    #[test]
+    fn segments_per_send_fits_one_ipv4_packet() {
+        // TUN MTU 1400: 1380-byte segments, 47 of them in 64 860 bytes.
+        assert_eq!(segments_per_send(1380), 47);
+        assert_eq!(segments_per_send(1480), 43);
+        assert!(segments_per_send(1380) as usize * 1380 <= MAX_GSO_BYTES);
+        assert_eq!(segments_per_send(100), MAX_GSO_SEGMENTS as u32);
+        assert_eq!(segments_per_send(0), MAX_GSO_SEGMENTS as u32);
+        assert_eq!(segments_per_send(70_000), 1);
     }
 
     #[test]

@@ -131,6 +131,21 @@ fn open_tun(name: &str) -> Result<(tun_rs::AsyncDevice, bool)> {
     Ok((dev, false))
 }
 
+/// Caps the TUN's super-segments at what one GSO send carries (see
+/// [`batch::segments_per_send`]). Worth about a tenth of the throughput;
+/// without the privilege to set it the tunnel still works, in two sends.
+fn limit_super_segments(tun: &str, host: &Host) {
+    let max_datagram = usize::from(path_mtu(host)).saturating_sub(20);
+    let segs = batch::segments_per_send(max_datagram);
+    match netdev::set_gso_max_segs(tun, segs) {
+        Ok(()) => log::info!("{tun}: gso_max_segs {segs}, so that each TSO super-segment leaves in one UDP GSO send"),
+        Err(e) => log::warn!(
+            "cannot cap {tun}'s TSO super-segments at {segs} segments ({e}): the larger ones leave in two \
+             UDP sends; run as root or set it yourself with `ip link set dev {tun} gso_max_segs {segs}`"
+        ),
+    }
+}
+
 fn open_udp(port: u16, uplink: &str) -> Result<UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).context("cannot create a UDP socket")?;
     s.bind_device(Some(uplink.as_bytes())).map_err(|e| match e.raw_os_error() {
@@ -208,6 +223,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut core = build_core(&args, &host, counters.clone())?;
     let status_listener = control::bind(&args.interface)?;
     let (tun, offload) = open_tun(&args.interface)?;
+    if offload {
+        limit_super_segments(&args.interface, &host);
+    }
     let udp = BatchUdp::new(open_udp(args.listen_port, &args.bind_to_interface)?);
     let mut gate = open_gate(&args)?;
     let mut auth = Auth::start(auth_mode, &args, &counters)?;

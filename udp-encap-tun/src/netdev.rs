@@ -93,6 +93,66 @@ pub fn driver(name: &str) -> io::Result<String> {
     Ok(String::from_utf8_lossy(info.driver.get(..end).unwrap_or(&[])).into_owned())
 }
 
+/// Caps how many segments the kernel puts into one TSO super-segment on the
+/// interface (`ip link set dev NAME gso_max_segs SEGS`), by one
+/// RTM_NEWLINK request with IFLA_GSO_MAX_SEGS over rtnetlink. Needs
+/// CAP_NET_ADMIN.
+pub fn set_gso_max_segs(name: &str, segs: u32) -> io::Result<()> {
+    use nix::sys::socket::{AddressFamily, NetlinkAddr, MsgFlags, SockFlag, SockProtocol, SockType, recv, sendto, socket};
+    let index = ifindex(name).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such interface"))?;
+    let index = i32::try_from(index).map_err(|_| io::Error::other("interface index out of range"))?;
+    let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)
+        .map_err(io::Error::from)?;
+    let req = setlink_u32_request(index, libc::IFLA_GSO_MAX_SEGS, segs, 1);
+    sendto(fd.as_raw_fd(), &req, &NetlinkAddr::new(0, 0), MsgFlags::empty()).map_err(io::Error::from)?;
+    let mut reply = [0u8; 512];
+    let n = recv(fd.as_raw_fd(), &mut reply, MsgFlags::empty()).map_err(io::Error::from)?;
+    match netlink_ack(reply.get(..n).unwrap_or(&[])) {
+        Some(0) => Ok(()),
+        Some(errno) => Err(io::Error::from_raw_os_error(errno.saturating_neg())),
+        None => Err(io::Error::other("unexpected rtnetlink reply")),
+    }
+}
+
+/// An rtnetlink RTM_NEWLINK request that sets one u32 attribute of the
+/// interface `index`: nlmsghdr, ifinfomsg, one attribute (40 bytes).
+fn setlink_u32_request(index: i32, attr: u16, value: u32, seq: u32) -> [u8; 40] {
+    let mut m = [0u8; 40];
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    let fields: [&[u8]; 12] = [
+        &40u32.to_ne_bytes(),         // nlmsg_len
+        &libc::RTM_NEWLINK.to_ne_bytes(), // nlmsg_type
+        &flags.to_ne_bytes(),         // nlmsg_flags
+        &seq.to_ne_bytes(),           // nlmsg_seq
+        &0u32.to_ne_bytes(),          // nlmsg_pid
+        &[libc::AF_UNSPEC as u8, 0],  // ifi_family, pad
+        &0u16.to_ne_bytes(),          // ifi_type
+        &index.to_ne_bytes(),         // ifi_index
+        &[0; 8],                      // ifi_flags, ifi_change
+        &8u16.to_ne_bytes(),          // nla_len
+        &attr.to_ne_bytes(),          // nla_type
+        &value.to_ne_bytes(),
+    ];
+    let mut at = 0;
+    for f in fields {
+        if let Some(dst) = m.get_mut(at..at + f.len()) {
+            dst.copy_from_slice(f);
+        }
+        at += f.len();
+    }
+    m
+}
+
+/// The error field of an rtnetlink acknowledgement (NLMSG_ERROR: 0 for
+/// success, a negative errno otherwise), or `None` if `reply` is not one.
+fn netlink_ack(reply: &[u8]) -> Option<i32> {
+    let ty = u16::from_ne_bytes(reply.get(4..6)?.try_into().ok()?);
+    if ty != libc::NLMSG_ERROR as u16 {
+        return None;
+    }
+    Some(i32::from_ne_bytes(reply.get(16..20)?.try_into().ok()?))
+}
+
 /// The interface's IPv4 addresses with their prefix lengths, in the order
 /// the kernel lists them (the primary address first).
 pub fn ipv4_addrs(name: &str) -> io::Result<Vec<(Ipv4Addr, u8)>> {
@@ -122,6 +182,7 @@ pub fn netns_inode() -> io::Result<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -139,5 +200,32 @@ mod tests {
         assert!(driver("no-such-if-x").is_err());
         assert!(is_up("lo").is_ok());
         assert!(is_up("no-such-if-x").is_err());
+        assert!(set_gso_max_segs("no-such-if-x", 40).is_err());
+    }
+
+    #[test]
+    fn setlink_request_layout() {
+        let m = setlink_u32_request(7, libc::IFLA_GSO_MAX_SEGS, 47, 9);
+        let u32_at = |i: usize| u32::from_ne_bytes(m[i..i + 4].try_into().unwrap());
+        let u16_at = |i: usize| u16::from_ne_bytes(m[i..i + 2].try_into().unwrap());
+        assert_eq!(u32_at(0), 40);
+        assert_eq!(u16_at(4), libc::RTM_NEWLINK);
+        assert_eq!(u16_at(6), (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16);
+        assert_eq!(u32_at(8), 9);
+        assert_eq!(u32_at(20), 7); // ifi_index
+        assert_eq!((u16_at(32), u16_at(34), u32_at(36)), (8, 40, 47));
+    }
+
+    #[test]
+    fn netlink_ack_parsing() {
+        let mut ack = [0u8; 36];
+        ack[4..6].copy_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());
+        assert_eq!(netlink_ack(&ack), Some(0));
+        ack[16..20].copy_from_slice(&(-libc::EPERM).to_ne_bytes());
+        assert_eq!(netlink_ack(&ack), Some(-libc::EPERM));
+        assert_eq!(netlink_ack(&ack[..10]), None);
+        assert_eq!(netlink_ack(&[]), None);
+        ack[4..6].copy_from_slice(&16u16.to_ne_bytes());
+        assert_eq!(netlink_ack(&ack), None);
     }
 }
