@@ -230,27 +230,93 @@ impl Core {
         if let Err(reason) = wire::parse_segment(seg) {
             return self.discard(reason);
         }
-        let inner_src = match &mut self.role {
+        let inner_src = self.resolve_peer(src, now, gate)?;
+        self.rewrite_for_tun(seg, inner_src)?;
+        self.counters.add(Traffic::UdpRxPackets, 1);
+        self.counters.add(Traffic::UdpRxBytes, seg.len() as u64);
+        Ok(inner_src)
+    }
+
+    /// A GRO train from `src`: datagrams of `stride` bytes (the last may be
+    /// shorter) back to back in `train`. Does for each what
+    /// [`Core::accept_segment`] does, but looks the peer up once per train
+    /// (every datagram of a train has the same source) and adds to the
+    /// counters once. Pushes the ranges of the accepted datagrams onto
+    /// `accepted` and returns their inner source, or `None` if none passed.
+    pub fn accept_train(
+        &mut self,
+        src: SocketAddrV4,
+        train: &mut [u8],
+        stride: usize,
+        now: Instant,
+        gate: &mut dyn PeerGate,
+        accepted: &mut Vec<Range<usize>>,
+    ) -> Option<Ipv4Addr> {
+        let mut inner = None;
+        let (mut packets, mut bytes) = (0u64, 0u64);
+        let mut at = 0;
+        while at < train.len() {
+            let end = at.saturating_add(stride.max(1)).min(train.len());
+            let range = at..end;
+            at = end;
+            let Some(seg) = train.get_mut(range.clone()) else { break };
+            if let Err(reason) = wire::parse_segment(seg) {
+                self.counters.discard(reason);
+                continue;
+            }
+            // Only a well-formed segment may create or refresh an entry;
+            // a refusal is counted per segment, as accept_segment does.
+            let addr = match inner {
+                Some(a) => a,
+                None => match self.resolve_peer(src, now, gate) {
+                    Ok(a) => *inner.insert(a),
+                    Err(_) => continue,
+                },
+            };
+            if self.rewrite_for_tun(seg, addr).is_err() {
+                continue;
+            }
+            packets += 1;
+            bytes += seg.len() as u64;
+            accepted.push(range);
+        }
+        if packets == 0 {
+            return None;
+        }
+        self.counters.add(Traffic::UdpRxPackets, packets);
+        self.counters.add(Traffic::UdpRxBytes, bytes);
+        inner
+    }
+
+    /// The inner source address of datagrams from `src`, if `src` may send:
+    /// the server creates (version 1) or finds its entry, the client checks
+    /// its lease. Counts a refusal.
+    fn resolve_peer(&mut self, src: SocketAddrV4, now: Instant, gate: &mut dyn PeerGate) -> Result<Ipv4Addr, Discard> {
+        match &mut self.role {
             Role::Server { store, auth: false } => match upsert(store, src, now, gate, &self.counters) {
-                Ok(addr) => addr,
-                Err(_) => return self.discard(Discard::PoolFull),
+                Ok(addr) => Ok(addr),
+                Err(_) => self.discard(Discard::PoolFull),
             },
             Role::Server { store, auth: true } => match store.by_peer(src) {
-                Some(addr) => addr,
-                None => return self.discard(Discard::Unauthenticated),
+                Some(addr) => Ok(addr),
+                None => self.discard(Discard::Unauthenticated),
             },
             Role::Client { endpoint_port, auth, leases } => {
                 if *auth {
                     match leases.get_mut(src.ip()) {
-                        Some(LeaseSlot(l)) if src.port() == *endpoint_port && now < l.until => {
-                            l.heard = now
-                        }
+                        Some(LeaseSlot(l)) if src.port() == *endpoint_port && now < l.until => l.heard = now,
                         _ => return self.discard(Discard::Unauthenticated),
                     }
                 }
-                *src.ip()
+                Ok(*src.ip())
             }
-        };
+        }
+    }
+
+    /// A checked segment from `inner_src`, rewritten in place for the TUN:
+    /// MSS clamped, checksum moved from the wire form to the pseudo-header
+    /// (`inner_src`, TUN address).
+    fn rewrite_for_tun(&mut self, seg: &mut [u8], inner_src: Ipv4Addr) -> Result<(), Discard> {
         if wire::clamp_mss(seg, self.max_mss) {
             self.counters.add(Traffic::MssClamped, 1);
         }
@@ -258,9 +324,7 @@ impl Core {
         if wire::rehome_checksum(seg, zero, zero, inner_src, self.tun_addr).is_none() {
             return self.discard(Discard::Malformed);
         }
-        self.counters.add(Traffic::UdpRxPackets, 1);
-        self.counters.add(Traffic::UdpRxBytes, seg.len() as u64);
-        Ok(inner_src)
+        Ok(())
     }
 
     /// The ID field for the next rebuilt IPv4 header.
@@ -550,6 +614,60 @@ mod tests {
             assert_eq!(c.discards(reason), n, "{}", reason.name());
         }
         assert!(s.store().unwrap().is_empty(), "malformed datagrams create no entry");
+    }
+
+    #[test]
+    fn a_train_is_checked_per_datagram_and_looked_up_once() {
+        let now = Instant::now();
+        let mut c = client(false);
+        let mut seg = tcp_packet(CLIENT_TUN, SERVER_REAL);
+        let FromTun::Send { payload, .. } = c.from_tun(&mut seg, now).unwrap() else { panic!() };
+        let seg = seg[payload].to_vec();
+        let stride = seg.len();
+        // good, garbage (too short for TCP), good, and a short last one
+        let mut train = [seg.clone(), vec![0u8; stride], seg.clone(), seg[..10].to_vec()].concat();
+        let mut one_by_one = server(false, Duration::from_secs(300));
+        let mut g1 = gate(4);
+        let expect: Vec<Option<Vec<u8>>> = train
+            .chunks(stride)
+            .map(|d| {
+                let mut d = d.to_vec();
+                one_by_one.accept_segment(PEER, &mut d, now, &mut g1).ok().map(|_| d)
+            })
+            .collect();
+
+        let mut s = server(false, Duration::from_secs(300));
+        let mut g = gate(4);
+        let mut accepted = Vec::new();
+        let src = s.accept_train(PEER, &mut train, stride, now, &mut g, &mut accepted);
+        let generated = s.store().unwrap().by_peer(PEER).unwrap();
+        assert_eq!(src, Some(generated));
+        assert_eq!(accepted, vec![0..stride, 2 * stride..3 * stride]);
+        for (i, want) in expect.iter().enumerate() {
+            if let Some(want) = want {
+                assert_eq!(&train[i * stride..(i + 1) * stride], &want[..], "datagram {i} rewritten as alone");
+            }
+        }
+        assert!(tcp_valid(generated, SERVER_TUN, &train[..stride]));
+        assert_eq!(s.counters().traffic(Traffic::UdpRxPackets), 2);
+        assert_eq!(s.counters().traffic(Traffic::UdpRxBytes), 2 * stride as u64);
+        assert_eq!(s.counters().discards(Discard::Malformed), one_by_one.counters().discards(Discard::Malformed));
+        assert_eq!(s.counters().discards(Discard::Malformed), 2);
+
+        // a train of garbage creates no entry; an unknown peer on an
+        // authenticating server is refused once per datagram
+        let mut junk = vec![0u8; 3 * 25];
+        let mut s2 = server(false, Duration::from_secs(300));
+        assert_eq!(s2.accept_train(PEER, &mut junk, 25, now, &mut gate(4), &mut accepted), None);
+        assert!(s2.store().unwrap().is_empty());
+        let mut auth = server(true, Duration::from_secs(300));
+        let mut two = [seg.clone(), seg.clone()].concat();
+        accepted.clear();
+        assert_eq!(auth.accept_train(PEER, &mut two, stride, now, &mut gate(4), &mut accepted), None);
+        assert!(accepted.is_empty());
+        assert_eq!(auth.counters().discards(Discard::Unauthenticated), 2);
+        // stride 0 (never from the kernel) still ends
+        assert_eq!(s2.accept_train(PEER, &mut junk, 0, now, &mut gate(4), &mut accepted), None);
     }
 
     #[test]

@@ -524,19 +524,9 @@ impl DataPath {
             let Some(train) = self.udp_read.get_mut(..r.len) else { continue };
             // 1. Check and rewrite each datagram in place.
             self.accepted.clear();
-            let mut inner_src = None;
-            let mut at = 0;
-            while at < train.len() {
-                let end = at.saturating_add(r.stride).min(train.len());
-                if let Some(seg) = train.get_mut(at..end)
-                    && let Ok(src) = core.accept_segment(r.src, seg, now, gate)
-                {
-                    inner_src = Some(src); // one train, one peer, one source
-                    self.accepted.push(at..end);
-                }
-                at = end;
-            }
-            let Some(src) = inner_src else { continue };
+            let Some(src) = core.accept_train(r.src, train, r.stride, now, gate, &mut self.accepted) else {
+                continue;
+            };
             // 2. Write the runs.
             let mut start = 0;
             while start < self.accepted.len() {
