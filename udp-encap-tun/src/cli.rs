@@ -95,6 +95,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
 
+    /// After traffic, keep polling the TUN and the socket for this many
+    /// microseconds before sleeping (yielding the CPU to anything else that
+    /// is runnable). Cuts the wake-up latency a small request/response pays
+    /// at each daemon, at the price of a busy CPU while packets keep coming
+    /// within the window. 0 (the default) sleeps at once.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub busy_poll: u32,
+
     /// Capacity of the XDP map of allowed peers. A new peer that finds it
     /// full is refused (counted under pool_full); a live one is never evicted.
     #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]

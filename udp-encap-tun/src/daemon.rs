@@ -256,18 +256,34 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let busy_poll = Duration::from_micros(u64::from(args.busy_poll));
+    let mut poll_until = started;
+
     loop {
+        let polling = !busy_poll.is_zero() && Instant::now() < poll_until;
         tokio::select! {
             r = tun.readable() => {
                 r.context("waiting on the TUN")?;
-                path.tun_to_udp(&tun, &udp, &mut core).await?;
+                if path.tun_to_udp(&tun, &udp, &mut core).await? > 0 {
+                    poll_until = Instant::now() + busy_poll;
+                }
                 if !path.need_auth.is_empty() {
                     auth.enqueue(&mut path.need_auth, &counters);
                 }
             }
             r = udp.readable() => {
                 r.context("waiting on the UDP socket")?;
-                path.udp_to_tun(&udp, &tun, &mut core, &mut gate).await;
+                if path.udp_to_tun(&udp, &tun, &mut core, &mut gate).await > 0 {
+                    poll_until = Instant::now() + busy_poll;
+                }
+            }
+            // Busy polling: instead of sleeping in epoll, let whatever else
+            // is runnable on this CPU go first (sched_yield), then have the
+            // runtime look at epoll without waiting (a deferred wake-up
+            // makes it poll its driver with a zero timeout).
+            () = std::future::ready(()), if polling => {
+                std::thread::yield_now();
+                tokio::task::yield_now().await;
             }
             Some(req) = recv_some(&mut auth.requests) => {
                 auth.admit(req, &mut core, &mut gate, &counters, args.entry_timeout);
@@ -417,11 +433,12 @@ impl DataPath {
     }
 
     /// TUN to UDP: read, translate, send in GSO trains.
-    async fn tun_to_udp(&mut self, tun: &tun_rs::AsyncDevice, udp: &BatchUdp, core: &mut Core) -> Result<()> {
-        for _ in 0..TUN_READS_PER_WAKE {
+    /// Returns how many reads it made.
+    async fn tun_to_udp(&mut self, tun: &tun_rs::AsyncDevice, udp: &BatchUdp, core: &mut Core) -> Result<usize> {
+        for reads in 0..TUN_READS_PER_WAKE {
             let n = match tun.try_recv_multiple(&mut self.tun_read, &mut self.tx, &mut self.tx_sizes, 0) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(reads),
                 Err(e) if e.raw_os_error().is_none() => {
                     // tun-rs could not split what the kernel handed over
                     // (a virtio-net header it does not accept): one packet lost.
@@ -472,7 +489,7 @@ impl DataPath {
                 start = end;
             }
         }
-        Ok(())
+        Ok(TUN_READS_PER_WAKE)
     }
 
     /// Client: packets that waited for authentication, now that it is done.
@@ -504,15 +521,16 @@ impl DataPath {
     /// UDP to TUN. With TUN offloads each GRO train is rewritten where it
     /// lies and its runs of one flow go out as one super-segment each
     /// (gro.rs): one `writev`, no copy. Without them, one write per packet.
-    async fn udp_to_tun(&mut self, udp: &BatchUdp, tun: &tun_rs::AsyncDevice, core: &mut Core, gate: &mut Gate) {
+    /// Returns how many receives it made.
+    async fn udp_to_tun(&mut self, udp: &BatchUdp, tun: &tun_rs::AsyncDevice, core: &mut Core, gate: &mut Gate) -> usize {
         if !self.offload {
             return self.udp_to_tun_plain(udp, tun, core, gate).await;
         }
         let now = Instant::now();
-        for _ in 0..UDP_RECVS_PER_WAKE {
+        for recvs in 0..UDP_RECVS_PER_WAKE {
             let r = match udp.try_recv(&mut self.udp_read) {
                 Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return recvs,
                 Err(e) => {
                     // ICMP errors for earlier sends surface here (ECONNREFUSED, ...).
                     self.counters.discard(Discard::IoError);
@@ -550,11 +568,13 @@ impl DataPath {
                 self.counters.add(Traffic::TunTxBytes, (bytes + count * HEADROOM) as u64);
             }
         }
+        UDP_RECVS_PER_WAKE
     }
 
     /// UDP to TUN without offloads: receive trains until the batch is full
     /// or the socket is empty, rebuild each datagram, one write each.
-    async fn udp_to_tun_plain(&mut self, udp: &BatchUdp, tun: &tun_rs::AsyncDevice, core: &mut Core, gate: &mut Gate) {
+    async fn udp_to_tun_plain(&mut self, udp: &BatchUdp, tun: &tun_rs::AsyncDevice, core: &mut Core, gate: &mut Gate) -> usize {
+        let mut recvs = 0;
         let mut ready = 0;
         let now = Instant::now();
         // Room for one more full GRO train (64 datagrams) in the batch.
@@ -569,6 +589,7 @@ impl DataPath {
                 }
             };
             self.counters.add(Traffic::UdpRecvCalls, 1);
+            recvs += 1;
             let train = self.udp_read.get(..r.len).unwrap_or(&[]);
             for dgram in train.chunks(r.stride) {
                 let Some(out) = self.rx.get_mut(ready) else { break };
@@ -595,6 +616,7 @@ impl DataPath {
                 }
             }
         }
+        recvs
     }
 }
 

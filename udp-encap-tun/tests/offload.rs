@@ -208,9 +208,54 @@ fn offloads_on_and_bulk_transfer_is_batched() {
             "{name}: no GSO batching: {pkts} datagrams in {calls} sendmsg calls\n{}",
             b.raw
         );
+        // The daemon capped the TUN's super-segments at one GSO send (47
+        // segments of at most 1380 bytes at MTU 1400): every read leaves in
+        // exactly one sendmsg, where 48-segment reads took two.
+        assert_eq!(
+            calls, reads,
+            "{name}: {reads} TUN reads took {calls} sendmsg calls\n{}",
+            b.raw
+        );
         assert_eq!(b.counter("discard_io_error"), 0, "{name}:\n{}", b.raw);
         assert_eq!(b.counter("discard_malformed"), 0, "{name}:\n{}", b.raw);
     }
+    for ns in [&t.s().ns, &t.c().ns] {
+        let link = ns.ip(&["-d", "link", "show", "tun0"]);
+        assert!(link.contains("gso_max_segs 47 "), "TUN not capped at 47 segments:\n{link}");
+    }
+}
+
+/// Daemons that busy-poll (`--busy-poll 200`) carry 20 MiB each way intact
+/// and still sleep when the traffic stops: once idle, they use (almost) no
+/// CPU.
+#[test]
+fn busy_polling_daemons_carry_intact_data_and_go_idle() {
+    const APP: u16 = 5607;
+    let t = Tunnel::start_with("obsy", |ns, label, args| {
+        let mut args = args.to_vec();
+        args.extend(["--busy-poll".to_string(), "200".to_string()]);
+        Daemon::spawn(ns, label, &args)
+    });
+    t.bulk(APP, 1, 20);
+    thread::sleep(Duration::from_millis(300));
+    for (d, name) in [(&t.server, "server"), (&t.client, "client")] {
+        let before = cpu_ticks(d.pid());
+        thread::sleep(Duration::from_secs(1));
+        let used = cpu_ticks(d.pid()) - before;
+        // clock ticks are 10 ms: a daemon spinning on would use ~100 here
+        assert!(used < 30, "{name}: {used} ticks of CPU in an idle second with --busy-poll 200");
+        let st = d.status();
+        assert_eq!(st.counter("discard_io_error"), 0, "{name}:\n{}", st.raw);
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // after `(comm)`: field 3 is index 0, so utime (14) and stime (15) are 11 and 12
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
 // ---------------------------------------------------------------- 2. flags

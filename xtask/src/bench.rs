@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// The daemons' --xdp-mode (auto: the gate on the uplink, as users run it).
     #[arg(long, default_value = "auto", value_parser = ["auto", "native", "generic", "off"])]
     xdp_mode: String,
+    /// The daemons' --busy-poll in microseconds (0: they sleep in epoll at
+    /// once, as by default).
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0)]
+    busy_poll: u32,
     /// Where results.json and bench.svg go (relative: to the workspace root).
     #[arg(long, value_name = "DIR", default_value = "bench-out")]
     out: PathBuf,
@@ -126,10 +130,16 @@ pub struct Results {
     /// Round-trip samples (ns): tunnel, raw.
     pub rr_tunnel: Vec<u64>,
     pub rr_raw: Vec<u64>,
+    /// With the default --busy-poll 0, the tunnel's round trips again with
+    /// the daemons restarted with --busy-poll N: (N, samples).
+    pub rr_busy: Option<(u32, Vec<u64>)>,
     /// Counter deltas over the whole benchmark: (who, name, delta).
     pub counters: Vec<(String, String, u64)>,
     pub wall: Duration,
 }
+
+/// The --busy-poll (µs) of the second latency pass.
+const SHOWN_BUSY_POLL: u32 = 50;
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let r = run(args);
@@ -177,7 +187,7 @@ fn run(args: &BenchArgs) -> Result<()> {
         "bench: namespaces {} and {} (removed at exit); tunnel over {}/{}, raw over {}/{}",
         t.names.srv, t.names.cli, t.names.up_s, t.names.up_c, t.names.raw_s, t.names.raw_c
     );
-    t.start(&args.xdp_mode)
+    t.start(&args.xdp_mode, args.busy_poll)
         .context("bench: starting the daemons")?;
     let _rr_server = rr::Server::start(&t.names.srv)?;
 
@@ -257,6 +267,33 @@ fn run(args: &BenchArgs) -> Result<()> {
         t.kernel_drops(true)?,
         t.kernel_drops(false)?,
     );
+
+    // The same round trips with the daemons polling instead of sleeping:
+    // what --busy-poll buys, from the same run.
+    let rr_busy = if args.busy_poll == 0 {
+        println!("\nbench: latency again, daemons restarted with --busy-poll {SHOWN_BUSY_POLL}");
+        t.restart_daemons(&args.xdp_mode, SHOWN_BUSY_POLL, "-busy-poll")
+            .context("bench: restarting the daemons with --busy-poll")?;
+        rr::measure(&t.names.cli, tun_rr, Duration::from_millis(200))
+            .context("bench: no TCP through the restarted tunnel")?;
+        let mut busy = Vec::new();
+        for round in 1..=runs {
+            let a = rr::measure(&t.names.cli, tun_rr, Duration::from_secs_f64(rr_seconds))?;
+            let b = rr::measure(&t.names.cli, raw_rr, Duration::from_secs_f64(rr_seconds))?;
+            println!(
+                "  run {round}/{runs}  tunnel median {:>6.1} µs ({} round trips)  raw median {:>6.1} µs",
+                report::percentile(&a, 50.0) / 1e3,
+                a.len(),
+                report::percentile(&b, 50.0) / 1e3,
+            );
+            busy.extend(a);
+            rr_raw.extend(b);
+        }
+        t.ensure_daemons_alive()?;
+        Some((SHOWN_BUSY_POLL, busy))
+    } else {
+        None
+    };
     let mut counters = Vec::new();
     for (who, a, b) in [
         ("server daemon", &counters0.0, &counters1.0),
@@ -280,6 +317,7 @@ fn run(args: &BenchArgs) -> Result<()> {
         cases: results,
         rr_tunnel,
         rr_raw,
+        rr_busy,
         counters,
         wall: started.elapsed(),
     };

@@ -140,6 +140,17 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "|---|---:|---:|---:|");
     let _ = writeln!(s, "| median | {t50:.1} | {w50:.1} | {:+.1} |", t50 - w50);
     let _ = writeln!(s, "| p99 | {t99:.1} | {w99:.1} | {:+.1} |", t99 - w99);
+    if let Some((us, busy)) = &r.rr_busy {
+        let (b50, b99) = (percentile(busy, 50.0) / 1e3, percentile(busy, 99.0) / 1e3);
+        let _ = writeln!(s, "| median, daemons with --busy-poll {us} | {b50:.1} | {w50:.1} | {:+.1} |", b50 - w50);
+        let _ = writeln!(s, "| p99, daemons with --busy-poll {us} | {b99:.1} | {w99:.1} | {:+.1} |", b99 - w99);
+        let _ = writeln!(
+            s,
+            "\nThe --busy-poll rows come from a second pass ({} round trips) with both daemons restarted with \
+             that option; raw is over both passes.",
+            busy.len()
+        );
+    }
     let nonzero: Vec<_> = r
         .counters
         .iter()
@@ -203,7 +214,11 @@ pub fn json(r: &Results) -> Value {
         "machine": r.facts.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect::<serde_json::Map<_, _>>(),
         "settings": {"runs": r.runs, "seconds": r.seconds, "rr_seconds": r.rr_seconds, "rr_message_bytes": super::rr::MSG},
         "throughput": cases,
-        "latency": {"tunnel": lat(&r.rr_tunnel), "raw": lat(&r.rr_raw)},
+        "latency": {
+            "tunnel": lat(&r.rr_tunnel),
+            "raw": lat(&r.rr_raw),
+            "tunnel_busy_poll": r.rr_busy.as_ref().map(|(us, v)| json!({"busy_poll_us": us, "round_trips": lat(v)})),
+        },
         "counters": r.counters.iter().map(|(w, k, v)| json!({"who": w, "name": k, "delta": v})).collect::<Vec<_>>(),
         "wall_seconds": r.wall.as_secs_f64(),
     })
@@ -226,7 +241,8 @@ pub fn svg(r: &Results) -> String {
     let top = 70.0;
     let thr_h = group_h * r.cases.len() as f64;
     let lat_top = top + thr_h + 80.0;
-    let lat_h = 2.0 * (2.0 * bar_h + 18.0);
+    let lat_rows = if r.rr_busy.is_some() { 4.0 } else { 2.0 };
+    let lat_h = lat_rows * (2.0 * bar_h + 18.0);
     let h = lat_top + lat_h + 10.0;
     let mut s = String::new();
     let _ = writeln!(
@@ -322,18 +338,27 @@ pub fn svg(r: &Results) -> String {
     );
 
     // Latency, linear scale.
-    let vals = [
+    let mut vals = vec![
         (
-            "median",
+            "median".to_string(),
             percentile(&r.rr_tunnel, 50.0) / 1e3,
             percentile(&r.rr_raw, 50.0) / 1e3,
         ),
         (
-            "p99",
+            "p99".to_string(),
             percentile(&r.rr_tunnel, 99.0) / 1e3,
             percentile(&r.rr_raw, 99.0) / 1e3,
         ),
     ];
+    if let Some((us, busy)) = &r.rr_busy {
+        for (name, p) in [("median", 50.0), ("p99", 99.0)] {
+            vals.push((
+                format!("{name}, --busy-poll {us}"),
+                percentile(busy, p) / 1e3,
+                percentile(&r.rr_raw, p) / 1e3,
+            ));
+        }
+    }
     let max = vals
         .iter()
         .flat_map(|(_, a, b)| [*a, *b])

@@ -370,8 +370,17 @@ impl Topology {
 
     /// Start both daemons (insecure-no-auth: the benchmark measures the data
     /// path) and the iperf3 server; wait until each answers.
-    pub fn start(&mut self, xdp_mode: &str) -> Result<()> {
+    /// Stops both daemons (SIGTERM, by PID) and starts them again with
+    /// other options; `tag` names their new log files.
+    pub fn restart_daemons(&mut self, xdp_mode: &str, busy_poll: u32, tag: &str) -> Result<()> {
+        self.client.take();
+        self.server.take();
+        self.spawn_daemons(xdp_mode, busy_poll, tag)
+    }
+
+    fn spawn_daemons(&mut self, xdp_mode: &str, busy_poll: u32, tag: &str) -> Result<()> {
         let port = DAEMON_PORT.to_string();
+        let busy_poll = busy_poll.to_string();
         let n = &self.names;
         let mut cmd = self.nsenter(&n.srv);
         cmd.arg(&self.bin).args([
@@ -384,6 +393,8 @@ impl Topology {
             "--insecure-no-auth",
             "--xdp-mode",
             xdp_mode,
+            "--busy-poll",
+            &busy_poll,
         ]);
         println!(
             "bench: (server ns) {}",
@@ -392,7 +403,7 @@ impl Topology {
         self.server = Some(Proc::spawn(
             "server daemon",
             &mut cmd,
-            &self.work.join("server.log"),
+            &self.work.join(format!("server{tag}.log")),
         )?);
         let mut cmd = self.nsenter(&n.cli);
         cmd.arg(&self.bin).args([
@@ -407,6 +418,8 @@ impl Topology {
             "--insecure-no-auth",
             "--xdp-mode",
             xdp_mode,
+            "--busy-poll",
+            &busy_poll,
         ]);
         println!(
             "bench: (client ns) {}",
@@ -415,11 +428,16 @@ impl Topology {
         self.client = Some(Proc::spawn(
             "client daemon",
             &mut cmd,
-            &self.work.join("client.log"),
+            &self.work.join(format!("client{tag}.log")),
         )?);
         for server in [true, false] {
             self.wait_status(server)?;
         }
+        Ok(())
+    }
+
+    pub fn start(&mut self, xdp_mode: &str, busy_poll: u32) -> Result<()> {
+        self.spawn_daemons(xdp_mode, busy_poll, "")?;
         let mut cmd = self.netns_exec(&self.names.srv.clone(), "iperf3");
         cmd.args(["-s", "-p", &IPERF_PORT.to_string()]);
         self.iperf = Some(Proc::spawn(
