@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use udp_encap_tun::core::{Core, FromTun, GateFull, HEADROOM, PeerGate};
+use udp_encap_tun::core::{Core, FromTun, FromTunSuper, GateFull, HEADROOM, PeerGate};
 use udp_encap_tun::store::{ConnectionStore, Pool};
 use udp_encap_tun::wire;
 use udp_encap_tun_fuzz::{fill_tcp_checksum, ipv4_header_valid, tcp_checksum_valid};
@@ -222,6 +222,17 @@ impl World {
                 let mut pkt = inp.bytes();
                 if mode & 1 != 0 {
                     fix_packet(&mut pkt, CLIENT_TUN, server_real(mode >> 2), mode & 2 != 0);
+                }
+                // The same packet as a TSO super-segment, cut at some size.
+                let gso = usize::from(mode >> 3) * 97 + 1;
+                let mut sup = pkt.clone();
+                let mut hdrs = vec![0u8; 64 * udp_encap_tun::tso::MAX_TCP_HEADER];
+                if let Ok(FromTunSuper::Send { to, count, thl, payload }) =
+                    self.client.from_tun_super(&mut sup, gso, &mut hdrs, self.now)
+                {
+                    assert_eq!(to.port(), ENDPOINT_PORT);
+                    assert!(payload.end <= sup.len() && count * thl <= hdrs.len());
+                    assert_eq!(count, payload.len().div_ceil(gso));
                 }
                 match self.client.from_tun(&mut pkt, self.now) {
                     Ok(FromTun::Send { to, payload }) => {

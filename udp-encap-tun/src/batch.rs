@@ -112,14 +112,16 @@ impl BatchUdp {
         })
     }
 
-    /// Sends `segs` to `to`: each slice one datagram, all but the last of
-    /// equal length (the caller groups them so; at most
-    /// [`MAX_GSO_SEGMENTS`] and [`MAX_GSO_BYTES`] in all). Returns how many
-    /// system calls it took; waits when the socket buffer is full.
-    pub async fn send(&self, to: SocketAddrV4, segs: &[IoSlice<'_>]) -> io::Result<usize> {
+    /// Sends `segs` to `to`: each run of `per` slices one datagram (a header
+    /// and a payload, say), all datagrams but the last of equal length (the
+    /// caller groups them so; at most [`MAX_GSO_SEGMENTS`] and
+    /// [`MAX_GSO_BYTES`] in all). Returns how many system calls it took;
+    /// waits when the socket buffer is full.
+    pub async fn send(&self, to: SocketAddrV4, segs: &[IoSlice<'_>], per: usize) -> io::Result<usize> {
         let addr = SockaddrIn::from(to);
-        if self.gso.get() && segs.len() > 1 {
-            let seg_len = segs.first().map_or(0, |s| s.len());
+        let per = per.max(1);
+        if self.gso.get() && segs.len() > per {
+            let seg_len = segs.iter().take(per).map(|s| s.len()).sum();
             match self.send_msg(&addr, segs, Some(seg_len)).await {
                 Ok(()) => return Ok(1),
                 // EIO: the device can't checksum GSO trains; EINVAL: a
@@ -131,10 +133,12 @@ impl BatchUdp {
                 Err(e) => return Err(e),
             }
         }
-        for s in segs {
-            self.send_msg(&addr, std::slice::from_ref(s), None).await?;
+        let mut calls = 0;
+        for dgram in segs.chunks(per) {
+            self.send_msg(&addr, dgram, None).await?;
+            calls += 1;
         }
-        Ok(segs.len())
+        Ok(calls)
     }
 
     async fn send_msg(&self, addr: &SockaddrIn, iov: &[IoSlice<'_>], gso: Option<usize>) -> io::Result<()> {

@@ -59,6 +59,18 @@ pub enum FromTun {
     NeedAuth { server: Ipv4Addr },
 }
 
+/// What [`Core::from_tun_super`] decided for a TSO super-segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromTunSuper {
+    /// Send `count` datagrams to `to`: datagram `i` is the wire header
+    /// `hdrs[i * thl..(i + 1) * thl]` followed by the payload
+    /// `pkt[payload.start + i * gso_size..]`, at most `gso_size` bytes, up to
+    /// `payload.end`.
+    Send { to: SocketAddrV4, count: usize, thl: usize, payload: Range<usize> },
+    /// As [`FromTun::NeedAuth`]; nothing was changed.
+    NeedAuth { server: Ipv4Addr },
+}
+
 /// A client's standing with one server.
 #[derive(Debug, Clone, Copy)]
 struct Lease {
@@ -161,20 +173,8 @@ impl Core {
             Ok(t) => t,
             Err(reason) => return self.discard(reason),
         };
-        let to = match &mut self.role {
-            Role::Server { store, .. } => match store.by_addr(t.dst) {
-                Some(peer) => peer,
-                None => return self.discard(Discard::NoEntry),
-            },
-            Role::Client { endpoint_port, auth, leases } => {
-                if *auth {
-                    match leases.get_mut(&t.dst) {
-                        Some(LeaseSlot(l)) if now < l.until => l.sent = now,
-                        _ => return Ok(FromTun::NeedAuth { server: t.dst }),
-                    }
-                }
-                SocketAddrV4::new(t.dst, *endpoint_port)
-            }
+        let Some(to) = self.route_tun(t.dst, now)? else {
+            return Ok(FromTun::NeedAuth { server: t.dst });
         };
         let Some(seg) = pkt.get_mut(t.segment.clone()) else {
             return self.discard(Discard::Malformed);
@@ -190,6 +190,61 @@ impl Core {
         self.counters.add(Traffic::TunRxPackets, 1);
         self.counters.add(Traffic::TunRxBytes, t.segment.len() as u64);
         Ok(FromTun::Send { to, payload: t.segment })
+    }
+
+    /// A TSO super-segment read from the TUN (`pkt`: one IPv4 header, one TCP
+    /// header, up to 64 KB of payload to be cut every `gso_size` bytes). The
+    /// same checks and routing as [`Core::from_tun`], once for all its
+    /// segments; their wire-form TCP headers go to `hdrs` (tso.rs), their
+    /// payload stays in `pkt`.
+    pub fn from_tun_super(
+        &mut self,
+        pkt: &mut [u8],
+        gso_size: usize,
+        hdrs: &mut [u8],
+        now: Instant,
+    ) -> Result<FromTunSuper, Discard> {
+        let t = match wire::parse_ipv4_tcp(pkt) {
+            Ok(t) => t,
+            Err(reason) => return self.discard(reason),
+        };
+        let Some(to) = self.route_tun(t.dst, now)? else {
+            return Ok(FromTunSuper::NeedAuth { server: t.dst });
+        };
+        let Some(seg) = pkt.get_mut(t.segment.clone()) else {
+            return self.discard(Discard::Malformed);
+        };
+        // TSO never carries a SYN, but the check costs nothing.
+        if wire::clamp_mss(seg, self.max_mss) {
+            self.counters.add(Traffic::MssClamped, 1);
+        }
+        let Some(count) = crate::tso::split_wire(seg, gso_size, hdrs) else {
+            return self.discard(Discard::Malformed);
+        };
+        let thl = usize::from(seg.get(12).map_or(0, |d| d >> 4)) * 4;
+        self.counters.add(Traffic::TunRxPackets, count as u64);
+        self.counters.add(Traffic::TunRxBytes, (seg.len() + (count - 1) * thl) as u64);
+        Ok(FromTunSuper::Send { to, count, thl, payload: t.segment.start + thl..t.segment.end })
+    }
+
+    /// Where a packet from the TUN to `dst` goes: the server's peer with that
+    /// address, or the client's server (`None`: no lease yet).
+    fn route_tun(&mut self, dst: Ipv4Addr, now: Instant) -> Result<Option<SocketAddrV4>, Discard> {
+        match &mut self.role {
+            Role::Server { store, .. } => match store.by_addr(dst) {
+                Some(peer) => Ok(Some(peer)),
+                None => self.discard(Discard::NoEntry),
+            },
+            Role::Client { endpoint_port, auth, leases } => {
+                if *auth {
+                    match leases.get_mut(&dst) {
+                        Some(LeaseSlot(l)) if now < l.until => l.sent = now,
+                        _ => return Ok(None),
+                    }
+                }
+                Ok(Some(SocketAddrV4::new(dst, *endpoint_port)))
+            }
+        }
     }
 
     /// A datagram from `src` whose payload is `buf[HEADROOM..HEADROOM + len]`.
@@ -614,6 +669,73 @@ mod tests {
             assert_eq!(c.discards(reason), n, "{}", reason.name());
         }
         assert!(s.store().unwrap().is_empty(), "malformed datagrams create no entry");
+    }
+
+    /// An IPv4 packet around TCP segment `seg`, from `src` to `dst`, with a
+    /// valid TCP checksum.
+    fn ipv4_around(src: Ipv4Addr, dst: Ipv4Addr, seg: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0];
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(seg);
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        let c = wire::checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p[36..38].copy_from_slice(&[0, 0]);
+        let c = wire::tcp_checksum(src, dst, &p[20..]);
+        p[36..38].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn a_super_segment_leaves_as_its_segments_would_one_by_one() {
+        let now = Instant::now();
+        let gso = 1336;
+        // ACK|PSH|FIN, timestamps, 3 full segments and a short one
+        let mut seg = vec![0x9c, 0x40, 0x00, 0x50, 0, 0, 0x10, 0, 0, 0, 0, 9, 0x80, 0x19, 0xff, 0xff, 0, 0, 0, 0];
+        seg.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 5, 0, 0, 0, 6]);
+        seg.extend((0..3 * gso + 99).map(|i| (i % 251) as u8));
+        let mut pkt = ipv4_around(CLIENT_TUN, SERVER_REAL, &seg);
+
+        let mut c = client(false);
+        let mut hdrs = vec![0u8; 64 * crate::tso::MAX_TCP_HEADER];
+        let FromTunSuper::Send { to, count, thl, payload } = c.from_tun_super(&mut pkt, gso, &mut hdrs, now).unwrap()
+        else {
+            panic!("no lease needed without auth")
+        };
+        assert_eq!((to, count, thl), (SocketAddrV4::new(SERVER_REAL, 12345), 4, 32));
+        assert_eq!(payload, 52..pkt.len());
+        assert_eq!(c.counters().traffic(Traffic::TunRxPackets), 4);
+
+        let mut one = client(false);
+        for i in 0..count {
+            let data = &seg[32 + i * gso..(32 + (i + 1) * gso).min(seg.len())];
+            let mut h = seg[..32].to_vec();
+            h[4..8].copy_from_slice(&(0x1000u32 + (i * gso) as u32).to_be_bytes());
+            if i + 1 < count {
+                h[13] &= !0x09; // FIN and PSH on the last only
+            }
+            let mut alone = ipv4_around(CLIENT_TUN, SERVER_REAL, &[&h[..], data].concat());
+            let FromTun::Send { payload: r, .. } = one.from_tun(&mut alone, now).unwrap() else { panic!() };
+            let got = [&hdrs[i * thl..(i + 1) * thl], &pkt[payload.start + i * gso..(payload.start + (i + 1) * gso).min(payload.end)]].concat();
+            assert_eq!(got, alone[r].to_vec(), "segment {i}");
+        }
+        assert_eq!(one.counters().traffic(Traffic::TunRxBytes), c.counters().traffic(Traffic::TunRxBytes));
+
+        // the same checks as from_tun: a server without the entry, options
+        let mut s = server(false, Duration::from_secs(300));
+        let mut to_nobody = ipv4_around(SERVER_TUN, Ipv4Addr::new(198, 18, 0, 9), &seg);
+        assert_eq!(s.from_tun_super(&mut to_nobody, gso, &mut hdrs, now), Err(Discard::NoEntry));
+        let mut short = pkt[..60].to_vec();
+        assert_eq!(c.from_tun_super(&mut short, gso, &mut hdrs, now), Err(Discard::Malformed));
+        let mut small_arena = [0u8; 64];
+        assert_eq!(c.from_tun_super(&mut pkt, gso, &mut small_arena, now), Err(Discard::Malformed));
+        // an authenticating client without a lease changes nothing
+        let mut a = client(true);
+        let before = pkt.clone();
+        assert_eq!(a.from_tun_super(&mut pkt, gso, &mut hdrs, now), Ok(FromTunSuper::NeedAuth { server: SERVER_REAL }));
+        assert_eq!(pkt, before);
     }
 
     #[test]

@@ -26,9 +26,10 @@ use crate::batch::{self, BatchUdp};
 use crate::gro;
 use crate::cli::{RunArgs, XdpMode};
 use crate::control::{self, StatusRequest};
-use crate::core::{Core, FromTun, GateFull, HEADROOM, PeerGate};
+use crate::core::{Core, FromTun, FromTunSuper, GateFull, HEADROOM, PeerGate};
 use crate::counters::{Counters, Discard, Traffic};
 use crate::netdev;
+use crate::tso;
 use crate::store::{ConnectionStore, Pool};
 use crate::xdp::{XdpError, XdpGate};
 
@@ -397,9 +398,8 @@ struct DataPath {
     /// Segments split out of a TUN read, each a whole IPv4 packet.
     tx: Vec<Vec<u8>>,
     tx_sizes: Vec<usize>,
-    /// What to send: (destination, datagram length) and where it lies.
-    plan: Vec<(SocketAddrV4, usize)>,
-    spans: Vec<(usize, std::ops::Range<usize>)>,
+    /// Wire-form TCP headers of the segments of one super-segment (tso.rs).
+    hdrs: Vec<u8>,
     /// One UDP receive (a GRO train).
     udp_read: Vec<u8>,
     /// Without offloads: rebuilt packets waiting for the TUN ([IPv4][segment]).
@@ -421,8 +421,7 @@ impl DataPath {
             tun_read: vec![0; tun_rs::VIRTIO_NET_HDR_LEN + MAX_PACKET],
             tx: (0..PACKETS).map(|_| vec![0; MAX_PACKET]).collect(),
             tx_sizes: vec![0; PACKETS],
-            plan: Vec::with_capacity(PACKETS),
-            spans: Vec::with_capacity(PACKETS),
+            hdrs: vec![0; tso::MAX_SEGMENTS * tso::MAX_TCP_HEADER],
             udp_read: vec![0; MAX_PACKET],
             rx: (0..PACKETS).map(|_| Vec::with_capacity(HEADROOM + 2048)).collect(),
             accepted: Vec::with_capacity(PACKETS),
@@ -432,61 +431,78 @@ impl DataPath {
         }
     }
 
-    /// TUN to UDP: read, translate, send in GSO trains.
-    /// Returns how many reads it made.
+    /// TUN to UDP: read, translate, send. A TSO super-segment leaves in GSO
+    /// trains of wire headers and payload slices straight from the read
+    /// buffer (tso.rs); any other packet leaves as one datagram. Returns how
+    /// many reads it made.
     async fn tun_to_udp(&mut self, tun: &tun_rs::AsyncDevice, udp: &BatchUdp, core: &mut Core) -> Result<usize> {
+        let DataPath { counters, offload, tun_read, tx, tx_sizes, hdrs, io_log, need_auth, .. } = self;
+        let out = &mut Out { counters, io_log, need_auth };
         for reads in 0..TUN_READS_PER_WAKE {
-            let n = match tun.try_recv_multiple(&mut self.tun_read, &mut self.tx, &mut self.tx_sizes, 0) {
+            let n = match tun.try_recv(tun_read) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(reads),
-                Err(e) if e.raw_os_error().is_none() => {
-                    // tun-rs could not split what the kernel handed over
-                    // (a virtio-net header it does not accept): one packet lost.
-                    self.counters.discard(Discard::Malformed);
-                    self.io_log.log(Instant::now(), || format!("reading from the TUN: {e}"));
-                    continue;
-                }
                 Err(e) => return Err(e).context("reading from the TUN"),
             };
-            self.counters.add(Traffic::TunReads, 1);
+            out.counters.add(Traffic::TunReads, 1);
             let now = Instant::now();
-            self.plan.clear();
-            self.spans.clear();
-            for (i, (buf, size)) in self.tx.iter_mut().zip(&self.tx_sizes).take(n).enumerate() {
-                let Some(pkt) = buf.get_mut(..*size) else { continue };
-                match core.from_tun(pkt, now) {
-                    Ok(FromTun::Send { to, payload }) => {
-                        self.plan.push((to, payload.len()));
-                        self.spans.push((i, payload));
+            let start = if *offload { tso::VNET_HDR_LEN } else { 0 };
+            let (vnet, rest) = tun_read.split_at_mut(start.min(n));
+            let Some(pkt) = rest.get_mut(..n.saturating_sub(start)) else { continue };
+            let kind = match offload {
+                true => tso::VnetHdr::parse(vnet).map_or(tso::Read::Other, |h| h.read_kind()),
+                false => tso::Read::Single { partial_csum: None },
+            };
+            match kind {
+                tso::Read::TcpV4 { gso_size } => match core.from_tun_super(pkt, gso_size, hdrs, now) {
+                    Ok(FromTunSuper::Send { to, count, thl, payload }) => {
+                        let data = pkt.get(payload).unwrap_or(&[]);
+                        let mut parts = hdrs.chunks_exact(thl.max(1)).zip(data.chunks(gso_size)).take(count);
+                        // Trains within the kernel's limits (one, once the
+                        // TUN's gso_max_segs is capped).
+                        let per_send = (batch::MAX_GSO_BYTES / (thl + gso_size)).clamp(1, batch::MAX_GSO_SEGMENTS);
+                        loop {
+                            let mut iov = [IoSlice::new(&[]); 2 * batch::MAX_GSO_SEGMENTS];
+                            let (mut k, mut bytes) = (0, 0);
+                            for ((h, d), slots) in parts.by_ref().take(per_send).zip(iov.chunks_exact_mut(2)) {
+                                if let [a, b] = slots {
+                                    *a = IoSlice::new(h);
+                                    *b = IoSlice::new(d);
+                                }
+                                bytes += h.len() + d.len();
+                                k += 1;
+                            }
+                            if k == 0 {
+                                break;
+                            }
+                            let r = udp.send(to, iov.get(..2 * k).unwrap_or(&[]), 2).await;
+                            out.sent(r, to, k, bytes, now);
+                        }
                     }
-                    Ok(FromTun::NeedAuth { server }) => self.need_auth.push((server, pkt.to_vec())),
+                    Ok(FromTunSuper::NeedAuth { .. }) => out.queue_split(vnet, pkt, tx, tx_sizes, now),
                     Err(_) => {} // counted by the core
-                }
-            }
-            let mut start = 0;
-            while start < self.plan.len() {
-                let end = batch::train_end(&self.plan, start);
-                let mut iov = [IoSlice::new(&[]); batch::MAX_GSO_SEGMENTS];
-                let mut bytes = 0;
-                for (slot, (i, span)) in iov.iter_mut().zip(self.spans.get(start..end).unwrap_or(&[])) {
-                    let seg = self.tx.get(*i).and_then(|b| b.get(span.clone())).unwrap_or(&[]);
-                    bytes += seg.len();
-                    *slot = IoSlice::new(seg);
-                }
-                let count = end - start;
-                let Some(&(to, _)) = self.plan.get(start) else { break };
-                match udp.send(to, iov.get(..count).unwrap_or(&[])).await {
-                    Ok(calls) => {
-                        self.counters.add(Traffic::UdpSendCalls, calls as u64);
-                        self.counters.add(Traffic::UdpTxPackets, count as u64);
-                        self.counters.add(Traffic::UdpTxBytes, bytes as u64);
+                },
+                tso::Read::Single { partial_csum } => {
+                    if let Some((cs, co)) = partial_csum
+                        && tso::complete_checksum(pkt, cs, co).is_none()
+                    {
+                        out.counters.discard(Discard::Malformed);
+                        continue;
                     }
-                    Err(e) => {
-                        self.counters.discard_n(Discard::IoError, count as u64);
-                        self.io_log.log(now, || format!("sending to {to}: {e}"));
+                    match core.from_tun(pkt, now) {
+                        Ok(FromTun::Send { to, payload }) => {
+                            let seg = pkt.get(payload).unwrap_or(&[]);
+                            let r = udp.send(to, &[IoSlice::new(seg)], 1).await;
+                            out.sent(r, to, 1, seg.len(), now);
+                        }
+                        Ok(FromTun::NeedAuth { server }) => out.need_auth.push((server, pkt.to_vec())),
+                        Err(_) => {} // counted by the core
                     }
                 }
-                start = end;
+                // IPv6, UDP: the core counts why it does not carry them.
+                tso::Read::Other => {
+                    let _ = core.from_tun(pkt, now);
+                }
             }
         }
         Ok(TUN_READS_PER_WAKE)
@@ -499,17 +515,9 @@ impl DataPath {
             match core.from_tun(&mut pkt, now) {
                 Ok(FromTun::Send { to, payload }) => {
                     let seg = pkt.get(payload).unwrap_or(&[]);
-                    match udp.send(to, &[IoSlice::new(seg)]).await {
-                        Ok(calls) => {
-                            self.counters.add(Traffic::UdpSendCalls, calls as u64);
-                            self.counters.add(Traffic::UdpTxPackets, 1);
-                            self.counters.add(Traffic::UdpTxBytes, seg.len() as u64);
-                        }
-                        Err(e) => {
-                            self.counters.discard(Discard::IoError);
-                            self.io_log.log(now, || format!("sending to {to}: {e}"));
-                        }
-                    }
+                    let r = udp.send(to, &[IoSlice::new(seg)], 1).await;
+                    let DataPath { counters, io_log, need_auth, .. } = self;
+                    Out { counters, io_log, need_auth }.sent(r, to, 1, seg.len(), now);
                 }
                 // The lease was refused by the gate (map full): counted there.
                 Ok(FromTun::NeedAuth { .. }) => self.counters.discard(Discard::AuthQueue),
@@ -617,6 +625,54 @@ impl DataPath {
             }
         }
         recvs
+    }
+}
+
+/// The parts of [`DataPath`] that sending and queueing update, borrowed
+/// apart from its buffers.
+struct Out<'a> {
+    counters: &'a Counters,
+    io_log: &'a mut RateLimitedLog,
+    need_auth: &'a mut Vec<(Ipv4Addr, Vec<u8>)>,
+}
+
+impl Out<'_> {
+    /// Counts the outcome of a send of `count` datagrams, `bytes` in all.
+    fn sent(&mut self, r: io::Result<usize>, to: SocketAddrV4, count: usize, bytes: usize, now: Instant) {
+        match r {
+            Ok(calls) => {
+                self.counters.add(Traffic::UdpSendCalls, calls as u64);
+                self.counters.add(Traffic::UdpTxPackets, count as u64);
+                self.counters.add(Traffic::UdpTxBytes, bytes as u64);
+            }
+            Err(e) => {
+                self.counters.discard_n(Discard::IoError, count as u64);
+                self.io_log.log(now, || format!("sending to {to}: {e}"));
+            }
+        }
+    }
+
+    /// A super-segment for a server without a lease yet (client with
+    /// authentication): cut into whole packets as the kernel would have sent
+    /// them (tun-rs's split: rare, so its copies do not matter), each queued
+    /// for after the handshake.
+    fn queue_split(&mut self, vnet: &[u8], pkt: &mut [u8], tx: &mut [Vec<u8>], sizes: &mut [usize], now: Instant) {
+        let split = tun_rs::VirtioNetHdr::decode(vnet).and_then(|h| tun_rs::gso_split(pkt, h, tx, sizes, 0, false));
+        match split {
+            Ok(k) => {
+                for (buf, size) in tx.iter().zip(sizes.iter()).take(k) {
+                    if let Some(p) = buf.get(..*size)
+                        && let Ok(t) = crate::wire::parse_ipv4_tcp(p)
+                    {
+                        self.need_auth.push((t.dst, p.to_vec()));
+                    }
+                }
+            }
+            Err(e) => {
+                self.counters.discard(Discard::Malformed);
+                self.io_log.log(now, || format!("a TSO super-segment tun-rs could not split: {e}"));
+            }
+        }
     }
 }
 

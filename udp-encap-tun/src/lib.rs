@@ -30,3 +30,4 @@ pub mod control;
 pub mod daemon;
 pub mod gro;
 pub mod netdev;
+pub mod tso;
