@@ -171,61 +171,10 @@ pub fn segments_per_send(max_datagram: usize) -> u32 {
     u32::try_from(n.clamp(1, MAX_GSO_SEGMENTS)).unwrap_or(1)
 }
 
-/// Splits `plan` (datagram lengths in send order, each with its destination)
-/// into GSO trains: runs to one destination where every datagram but the
-/// last has the first one's length, within the kernel's limits. Returns the
-/// end index (exclusive) of the train that starts at `start`.
-pub fn train_end<T: PartialEq>(plan: &[(T, usize)], start: usize) -> usize {
-    let Some((to, first_len)) = plan.get(start) else { return start };
-    let mut end = start + 1;
-    let mut bytes = *first_len;
-    while let Some((next_to, len)) = plan.get(end) {
-        if next_to != to
-            || *len > *first_len
-            || end - start >= MAX_GSO_SEGMENTS
-            || bytes + len > MAX_GSO_BYTES
-        {
-            break;
-        }
-        bytes += len;
-        end += 1;
-        if *len < *first_len {
-            break; // a shorter datagram ends a train
-        }
-    }
-    end
-}
-
 #[cfg(test)]
 #[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
-
-    fn trains(plan: &[(u8, usize)]) -> Vec<(usize, usize)> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < plan.len() {
-            let e = train_end(plan, i);
-            assert!(e > i, "progress");
-            out.push((i, e));
-            i = e;
-        }
-        out
-    }
-
-    #[test]
-    fn trains_follow_destination_and_length() {
-        assert_eq!(trains(&[]), vec![]);
-        assert_eq!(trains(&[(1, 100)]), vec![(0, 1)]);
-        // equal lengths, one destination: one train
-        assert_eq!(trains(&[(1, 100), (1, 100), (1, 100)]), vec![(0, 3)]);
-        // a shorter last datagram joins and ends the train
-        assert_eq!(trains(&[(1, 100), (1, 100), (1, 40), (1, 100)]), vec![(0, 3), (3, 4)]);
-        // a longer one starts a new train
-        assert_eq!(trains(&[(1, 100), (1, 200)]), vec![(0, 1), (1, 2)]);
-        // another destination starts a new train
-        assert_eq!(trains(&[(1, 100), (2, 100), (2, 100), (1, 100)]), vec![(0, 1), (1, 3), (3, 4)]);
-    }
 
     #[test]
     fn segments_per_send_fits_one_ipv4_packet() {
@@ -236,17 +185,5 @@ mod tests {
         assert_eq!(segments_per_send(100), MAX_GSO_SEGMENTS as u32);
         assert_eq!(segments_per_send(0), MAX_GSO_SEGMENTS as u32);
         assert_eq!(segments_per_send(70_000), 1);
-    }
-
-    #[test]
-    fn trains_respect_kernel_limits() {
-        let many = vec![(1u8, 100usize); 150];
-        assert_eq!(trains(&many), vec![(0, 64), (64, 128), (128, 150)]);
-        let big = vec![(1u8, 1400usize); 60];
-        let t = trains(&big);
-        assert_eq!(t[0], (0, 46), "46 * 1400 = 64400 fits, 47 would not");
-        for (s, e) in t {
-            assert!((e - s) * 1400 <= MAX_GSO_BYTES);
-        }
     }
 }

@@ -395,7 +395,8 @@ struct DataPath {
     offload: bool,
     /// One TUN read: virtio-net header and the unsplit packet.
     tun_read: Vec<u8>,
-    /// Segments split out of a TUN read, each a whole IPv4 packet.
+    /// Whole packets cut out of a super-segment that waits for
+    /// authentication (rare: allocated on first use).
     tx: Vec<Vec<u8>>,
     tx_sizes: Vec<usize>,
     /// Wire-form TCP headers of the segments of one super-segment (tso.rs).
@@ -419,7 +420,7 @@ impl DataPath {
             counters,
             offload,
             tun_read: vec![0; tun_rs::VIRTIO_NET_HDR_LEN + MAX_PACKET],
-            tx: (0..PACKETS).map(|_| vec![0; MAX_PACKET]).collect(),
+            tx: Vec::new(),
             tx_sizes: vec![0; PACKETS],
             hdrs: vec![0; tso::MAX_SEGMENTS * tso::MAX_TCP_HEADER],
             udp_read: vec![0; MAX_PACKET],
@@ -656,7 +657,10 @@ impl Out<'_> {
     /// authentication): cut into whole packets as the kernel would have sent
     /// them (tun-rs's split: rare, so its copies do not matter), each queued
     /// for after the handshake.
-    fn queue_split(&mut self, vnet: &[u8], pkt: &mut [u8], tx: &mut [Vec<u8>], sizes: &mut [usize], now: Instant) {
+    fn queue_split(&mut self, vnet: &[u8], pkt: &mut [u8], tx: &mut Vec<Vec<u8>>, sizes: &mut [usize], now: Instant) {
+        if tx.is_empty() {
+            *tx = (0..sizes.len()).map(|_| vec![0; MAX_PACKET]).collect();
+        }
         let split = tun_rs::VirtioNetHdr::decode(vnet).and_then(|h| tun_rs::gso_split(pkt, h, tx, sizes, 0, false));
         match split {
             Ok(k) => {
@@ -1054,4 +1058,61 @@ fn status_text(
         let _ = writeln!(t, "lease {server} expires_in_ms {}", until.saturating_duration_since(now).as_millis());
     }
     t
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A super-segment for a server without a lease is queued as the whole
+    /// packets the kernel would have sent, each with a valid checksum.
+    #[test]
+    fn a_super_segment_waiting_for_auth_is_queued_as_whole_packets() {
+        let (src, dst) = (Ipv4Addr::new(198, 19, 0, 2), Ipv4Addr::new(192, 0, 2, 1));
+        let gso = 1000usize;
+        let mut pkt = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0];
+        pkt.extend_from_slice(&src.octets());
+        pkt.extend_from_slice(&dst.octets());
+        pkt.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+        pkt.extend((0..2 * gso + 10).map(|i| i as u8));
+        let total = pkt.len() as u16;
+        pkt[2..4].copy_from_slice(&total.to_be_bytes());
+        let c = crate::wire::checksum(&pkt[..20]);
+        pkt[10..12].copy_from_slice(&c.to_be_bytes());
+        // the kernel's partial checksum: the pseudo-header sum (length 0 for TSO)
+        let pseudo = crate::wire::fold(crate::wire::sum_words(&pkt[12..20], 6));
+        pkt[36..38].copy_from_slice(&pseudo.to_be_bytes());
+        let mut vnet = [0u8; tso::VNET_HDR_LEN];
+        vnet[0] = 1; // NEEDS_CSUM
+        vnet[1] = 1; // GSO_TCPV4
+        vnet[2..4].copy_from_slice(&40u16.to_ne_bytes());
+        vnet[4..6].copy_from_slice(&(gso as u16).to_ne_bytes());
+        vnet[6..8].copy_from_slice(&20u16.to_ne_bytes());
+        vnet[8..10].copy_from_slice(&16u16.to_ne_bytes());
+
+        let counters = Counters::default();
+        let (mut log, mut queue) = (RateLimitedLog::default(), Vec::new());
+        let mut out = Out { counters: &counters, io_log: &mut log, need_auth: &mut queue };
+        let (mut tx, mut sizes) = (Vec::new(), vec![0; 8]);
+        out.queue_split(&vnet, &mut pkt, &mut tx, &mut sizes, Instant::now());
+        assert_eq!(queue.len(), 3);
+        for (i, (server, p)) in queue.iter().enumerate() {
+            assert_eq!(*server, dst);
+            let t = crate::wire::parse_ipv4_tcp(p).unwrap();
+            assert_eq!(p.len(), 40 + if i < 2 { gso } else { 10 });
+            let mut seg = p[20..].to_vec();
+            let c = u16::from_be_bytes([seg[16], seg[17]]);
+            seg[16..18].copy_from_slice(&[0, 0]);
+            assert_eq!(c, crate::wire::tcp_checksum(t.src, t.dst, &seg), "packet {i}");
+        }
+
+        // a header tun-rs refuses: counted, nothing queued
+        queue.clear();
+        vnet[4..6].copy_from_slice(&0u16.to_ne_bytes());
+        let mut out = Out { counters: &counters, io_log: &mut log, need_auth: &mut queue };
+        out.queue_split(&vnet, &mut pkt, &mut tx, &mut sizes, Instant::now());
+        assert!(queue.is_empty());
+        assert_eq!(counters.discards(Discard::Malformed), 1);
+    }
 }
