@@ -21,22 +21,14 @@
 use std::net::Ipv4Addr;
 
 use crate::wire::{self, IPV4_HEADER_LEN, IPV4_MAX_LEN};
+use crate::tso::F_NEEDS_CSUM as NEEDS_CSUM;
+use crate::wire::tcp::{ACK, CHECKSUM, DATA_OFFSET, FLAG_PSH, FLAGS, SEQ, WINDOW};
 
 /// Bytes of the virtio-net header that precedes a packet written to the TUN.
-pub const VNET_LEN: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+pub const VNET_LEN: usize = crate::tso::VNET_HDR_LEN;
 /// The headers the daemon writes in front of a run: virtio-net and IPv4.
 pub const RUN_HEADER_LEN: usize = VNET_LEN + IPV4_HEADER_LEN;
 
-const SEQ: usize = 4;
-const ACK: usize = 8;
-const DATA_OFFSET: usize = 12;
-const FLAGS: usize = 13;
-const WINDOW: usize = 14;
-const CHECKSUM: usize = 16;
-const FLAG_PSH: u8 = 0x08;
-/// virtio-net: the checksum at csum_start + csum_offset is partial
-/// (VIRTIO_NET_HDR_F_NEEDS_CSUM, linux/virtio_net.h; tun-rs does not export it).
-const NEEDS_CSUM: u8 = 1;
 /// FIN, SYN, RST, URG, ECE, CWR: a segment carrying any of them stands alone.
 const FLAGS_ALONE: u8 = 0x01 | 0x02 | 0x04 | 0x20 | 0x40 | 0x80;
 

@@ -15,10 +15,13 @@
 //! would then move (RFC 1624) to the wire form.
 
 use crate::wire::{self, PROTO_TCP};
+use crate::wire::tcp::{CHECKSUM as TCP_CSUM, DATA_OFFSET, FLAG_CWR, FLAG_FIN, FLAG_PSH, FLAGS as TCP_FLAGS, SEQ as TCP_SEQ};
 
 /// `struct virtio_net_hdr` without MRG_RXBUF: what precedes every read.
-pub const VNET_HDR_LEN: usize = 10;
-const F_NEEDS_CSUM: u8 = 1;
+pub const VNET_HDR_LEN: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+/// The checksum at csum_start + csum_offset is partial
+/// (VIRTIO_NET_HDR_F_NEEDS_CSUM, linux/virtio_net.h; tun-rs does not export it).
+pub const F_NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
 /// Set with GSO_TCPV4 when the segments carry ECN's CWR (first one only).
@@ -28,13 +31,6 @@ pub const MAX_TCP_HEADER: usize = 60;
 /// The most segments a super-segment is split into: 64 KB of the smallest
 /// MSS Linux sends (TCP_MIN_SND_MSS, 48).
 pub const MAX_SEGMENTS: usize = 1366;
-
-const TCP_SEQ: usize = 4;
-const TCP_FLAGS: usize = 13;
-const TCP_CSUM: usize = 16;
-const FLAG_FIN: u8 = 0x01;
-const FLAG_PSH: u8 = 0x08;
-const FLAG_CWR: u8 = 0x80;
 
 /// The virtio-net header, in the host's byte order (the TUN's default
 /// without TUNSETVNETLE/BE).
@@ -107,7 +103,7 @@ pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Option<
 /// of segments, or `None` if `seg` is not a TCP header with payload, the
 /// arena is too small or there would be more than [`MAX_SEGMENTS`].
 pub fn split_wire(seg: &[u8], gso_size: usize, hdrs: &mut [u8]) -> Option<usize> {
-    let thl = usize::from(*seg.get(12)? >> 4) * 4;
+    let thl = usize::from(*seg.get(DATA_OFFSET)? >> 4) * 4;
     if thl < wire::TCP_HEADER_MIN || gso_size == 0 {
         return None;
     }

@@ -51,11 +51,18 @@ mod ipv4 {
 }
 
 /// Field offsets inside a TCP header (RFC 9293).
-mod tcp {
+/// TCP header field offsets and flags.
+pub mod tcp {
+    pub const SEQ: usize = 4;
+    pub const ACK: usize = 8;
     pub const DATA_OFFSET: usize = 12;
     pub const FLAGS: usize = 13;
+    pub const WINDOW: usize = 14;
     pub const CHECKSUM: usize = 16;
+    pub const FLAG_FIN: u8 = 0x01;
     pub const FLAG_SYN: u8 = 0x02;
+    pub const FLAG_PSH: u8 = 0x08;
+    pub const FLAG_CWR: u8 = 0x80;
     pub const OPT_EOL: u8 = 0;
     pub const OPT_NOP: u8 = 1;
     pub const OPT_MSS: u8 = 2;
