@@ -500,9 +500,12 @@ impl DataPath {
                         Err(_) => {} // counted by the core
                     }
                 }
-                // IPv6, UDP: the core counts why it does not carry them.
+                // A GSO type the tunnel does not carry (IPv6 TCP, UDP), or a
+                // header that makes no sense: counted by what the packet is,
+                // never sent.
                 tso::Read::Other => {
-                    let _ = core.from_tun(pkt, now);
+                    let reason = crate::wire::parse_ipv4_tcp(pkt).err().unwrap_or(Discard::Malformed);
+                    out.counters.discard(reason);
                 }
             }
         }

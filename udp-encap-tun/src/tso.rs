@@ -52,8 +52,8 @@ pub enum Read {
     Single { partial_csum: Option<(usize, usize)> },
     /// A TSO super-segment, cut every `gso_size` payload bytes.
     TcpV4 { gso_size: usize },
-    /// A GSO type the tunnel does not carry (IPv6 TCP, UDP): the packet is
-    /// still handed over whole so the core can count why it is discarded.
+    /// A GSO type the tunnel does not carry (IPv6 TCP, UDP) or a TSO header
+    /// without a segment size: discarded, counted by what the packet is.
     Other,
 }
 
