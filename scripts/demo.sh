@@ -229,9 +229,9 @@ C_PID=$DAEMON_PID
 
 step "4. $MIB MiB client -> server over TCP through the tunnel, sha256 checked; tcpdump watching"
 show "(server) tcpdump -ni $S_UP -w uplink.pcap &      (client) tcpdump -ni $C_TUN -c 6 -w tun.pcap &"
-"${IN_SRV[@]}" tcpdump -ni "$S_UP" -s 128 -B 8192 -U -Z root -w "$WORK/uplink.pcap" 2>"$WORK/tcpdump-up.err" &
+"${IN_SRV[@]}" tcpdump -ni "$S_UP" -s 128 -B 8192 -U --immediate-mode -Z root -w "$WORK/uplink.pcap" 2>"$WORK/tcpdump-up.err" &
 TD_UP=$!; PIDS+=("$TD_UP")
-"${IN_CLI[@]}" tcpdump -ni "$C_TUN" -s 128 -c 6 -U -Z root -w "$WORK/tun.pcap" 2>"$WORK/tcpdump-tun.err" &
+"${IN_CLI[@]}" tcpdump -ni "$C_TUN" -s 128 -c 6 -U --immediate-mode -Z root -w "$WORK/tun.pcap" 2>"$WORK/tcpdump-tun.err" &
 TD_TUN=$!; PIDS+=("$TD_TUN")
 wait_until 10 "tcpdump" grep -q listening "$WORK/tcpdump-up.err" || fail "tcpdump did not start on $S_UP: $(cat "$WORK/tcpdump-up.err")"
 wait_until 10 "tcpdump" grep -q listening "$WORK/tcpdump-tun.err" || fail "tcpdump did not start on $C_TUN: $(cat "$WORK/tcpdump-tun.err")"
