@@ -57,7 +57,7 @@ pub struct CiArgs {
     pub no_vm: bool,
 }
 
-/// `cargo xtask ci`: deps, then test, then the VM kernels (unless `--no-vm`).
+/// `cargo xtask ci`: deps, then test, the demo, then the VM kernels (unless `--no-vm`).
 pub fn ci(args: &CiArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut summary = Summary::default();
@@ -67,6 +67,12 @@ pub fn ci(args: &CiArgs) -> Result<()> {
         for n in STEPS {
             summary.skip(n);
         }
+    }
+    // The README's first command, on the release build.
+    if summary.ok() {
+        summary.step("demo", crate::demo::check);
+    } else {
+        summary.skip("demo");
     }
     if !args.no_vm {
         if summary.ok() {

@@ -23,6 +23,37 @@ pub fn demo() -> Result<()> {
     deps::ensure().context("demo: installing the dependencies failed")?;
     println!("demo: building the XDP program");
     ebpf::build_ebpf().context("demo: building the eBPF object failed")?;
+    let (root, bin) = build_daemon()?;
+    let script = root.join("scripts").join("demo.sh");
+    let err = Command::new("bash").arg(&script).arg(&bin).current_dir(&root).exec();
+    Err(err).with_context(|| format!("demo: could not run {}", script.display()))
+}
+
+/// The demo as a CI step (the eBPF object already built): the README's
+/// first command must keep working, and it is the one test that runs the
+/// release daemon with real TLS credentials end to end. Returns the
+/// script's verdict line.
+pub fn check() -> Result<String> {
+    let (root, bin) = build_daemon()?;
+    let script = root.join("scripts").join("demo.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&bin)
+        .current_dir(&root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not run {}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}");
+    let verdict = text.lines().rev().find(|l| l.starts_with("demo ")).unwrap_or("").to_string();
+    if !out.status.success() || !verdict.starts_with("demo OK") {
+        bail!("scripts/demo.sh failed ({}): {verdict}", out.status);
+    }
+    Ok(String::new())
+}
+
+/// Builds the release daemon; returns the workspace root and the binary.
+fn build_daemon() -> Result<(PathBuf, PathBuf)> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(PathBuf::from)
@@ -32,6 +63,9 @@ pub fn demo() -> Result<()> {
     build
         .args(["build", "--release", "--package", "udp-encap-tun", "--bin", "udp-encap-tun"])
         .current_dir(&root);
+    if std::env::var_os("CI").is_some() {
+        build.arg("--locked");
+    }
     deps::run(&mut build).context("demo: building the daemon failed")?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -40,7 +74,5 @@ pub fn demo() -> Result<()> {
     if !bin.is_file() {
         bail!("demo: the build finished but {} does not exist", bin.display());
     }
-    let script = root.join("scripts").join("demo.sh");
-    let err = Command::new("bash").arg(&script).arg(&bin).current_dir(&root).exec();
-    Err(err).with_context(|| format!("demo: could not run {}", script.display()))
+    Ok((root, bin))
 }
