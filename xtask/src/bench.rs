@@ -245,20 +245,7 @@ fn run(args: &BenchArgs) -> Result<()> {
         "\nbench: latency: {runs} x (tunnel, raw) x {rr_seconds} s of {} B request/response",
         rr::MSG
     );
-    let (mut rr_tunnel, mut rr_raw) = (Vec::new(), Vec::new());
-    for round in 1..=runs {
-        let a = rr::measure(&t.names.cli, tun_rr, Duration::from_secs_f64(rr_seconds))?;
-        let b = rr::measure(&t.names.cli, raw_rr, Duration::from_secs_f64(rr_seconds))?;
-        println!(
-            "  run {round}/{runs}  tunnel median {:>6.1} µs ({} round trips)  raw median {:>6.1} µs ({})",
-            report::percentile(&a, 50.0) / 1e3,
-            a.len(),
-            report::percentile(&b, 50.0) / 1e3,
-            b.len()
-        );
-        rr_tunnel.extend(a);
-        rr_raw.extend(b);
-    }
+    let (rr_tunnel, mut rr_raw) = latency_pass(&mut t, tun_rr, raw_rr, runs, rr_seconds)?;
     t.ensure_daemons_alive()?;
 
     let counters1 = (
@@ -276,19 +263,8 @@ fn run(args: &BenchArgs) -> Result<()> {
             .context("bench: restarting the daemons with --busy-poll")?;
         rr::measure(&t.names.cli, tun_rr, Duration::from_millis(200))
             .context("bench: no TCP through the restarted tunnel")?;
-        let mut busy = Vec::new();
-        for round in 1..=runs {
-            let a = rr::measure(&t.names.cli, tun_rr, Duration::from_secs_f64(rr_seconds))?;
-            let b = rr::measure(&t.names.cli, raw_rr, Duration::from_secs_f64(rr_seconds))?;
-            println!(
-                "  run {round}/{runs}  tunnel median {:>6.1} µs ({} round trips)  raw median {:>6.1} µs",
-                report::percentile(&a, 50.0) / 1e3,
-                a.len(),
-                report::percentile(&b, 50.0) / 1e3,
-            );
-            busy.extend(a);
-            rr_raw.extend(b);
-        }
+        let (busy, raw) = latency_pass(&mut t, tun_rr, raw_rr, runs, rr_seconds)?;
+        rr_raw.extend(raw);
         t.ensure_daemons_alive()?;
         Some((SHOWN_BUSY_POLL, busy))
     } else {
@@ -338,6 +314,33 @@ fn run(args: &BenchArgs) -> Result<()> {
         res.wall.as_secs_f64()
     );
     Ok(())
+}
+
+/// `runs` rounds of request/response, `seconds` each, through the tunnel
+/// then raw; returns the round-trip samples (ns) of each path.
+fn latency_pass(
+    t: &mut Topology,
+    tun_rr: SocketAddr,
+    raw_rr: SocketAddr,
+    runs: u32,
+    seconds: f64,
+) -> Result<(Vec<u64>, Vec<u64>)> {
+    let (mut tunnel, mut raw) = (Vec::new(), Vec::new());
+    for round in 1..=runs {
+        let a = rr::measure(&t.names.cli, tun_rr, Duration::from_secs_f64(seconds))?;
+        let b = rr::measure(&t.names.cli, raw_rr, Duration::from_secs_f64(seconds))?;
+        println!(
+            "  run {round}/{runs}  tunnel median {:>6.1} µs ({} round trips)  raw median {:>6.1} µs ({})",
+            report::percentile(&a, 50.0) / 1e3,
+            a.len(),
+            report::percentile(&b, 50.0) / 1e3,
+            b.len()
+        );
+        tunnel.extend(a);
+        raw.extend(b);
+    }
+    t.ensure_daemons_alive()?;
+    Ok((tunnel, raw))
 }
 
 fn parse_ip(s: &str) -> Ipv4Addr {

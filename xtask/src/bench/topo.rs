@@ -368,8 +368,6 @@ impl Topology {
         c
     }
 
-    /// Start both daemons (insecure-no-auth: the benchmark measures the data
-    /// path) and the iperf3 server; wait until each answers.
     /// Stops both daemons (SIGTERM, by PID) and starts them again with
     /// other options; `tag` names their new log files.
     pub fn restart_daemons(&mut self, xdp_mode: &str, busy_poll: u32, tag: &str) -> Result<()> {
@@ -378,64 +376,46 @@ impl Topology {
         self.spawn_daemons(xdp_mode, busy_poll, tag)
     }
 
+    /// Both daemons (insecure-no-auth: the benchmark measures the data
+    /// path), each in its namespace; waits until each answers.
     fn spawn_daemons(&mut self, xdp_mode: &str, busy_poll: u32, tag: &str) -> Result<()> {
         let port = DAEMON_PORT.to_string();
         let busy_poll = busy_poll.to_string();
-        let n = &self.names;
-        let mut cmd = self.nsenter(&n.srv);
-        cmd.arg(&self.bin).args([
-            "--interface",
-            &n.tun_s,
-            "--listen-port",
-            &port,
-            "--bind-to-interface",
-            &n.up_s,
-            "--insecure-no-auth",
-            "--xdp-mode",
-            xdp_mode,
-            "--busy-poll",
-            &busy_poll,
-        ]);
-        println!(
-            "bench: (server ns) {}",
-            deps::show(&cmd).trim_start_matches("nsenter ")
-        );
-        self.server = Some(Proc::spawn(
-            "server daemon",
-            &mut cmd,
-            &self.work.join(format!("server{tag}.log")),
-        )?);
-        let mut cmd = self.nsenter(&n.cli);
-        cmd.arg(&self.bin).args([
-            "--interface",
-            &n.tun_c,
-            "--listen-port",
-            &port,
-            "--bind-to-interface",
-            &n.up_c,
-            "--endpoint-port",
-            &port,
-            "--insecure-no-auth",
-            "--xdp-mode",
-            xdp_mode,
-            "--busy-poll",
-            &busy_poll,
-        ]);
-        println!(
-            "bench: (client ns) {}",
-            deps::show(&cmd).trim_start_matches("nsenter ")
-        );
-        self.client = Some(Proc::spawn(
-            "client daemon",
-            &mut cmd,
-            &self.work.join(format!("client{tag}.log")),
-        )?);
+        for server in [true, false] {
+            let n = &self.names;
+            let (role, ns, tun, up) = if server {
+                ("server", &n.srv, &n.tun_s, &n.up_s)
+            } else {
+                ("client", &n.cli, &n.tun_c, &n.up_c)
+            };
+            let endpoint = ["--endpoint-port", port.as_str()];
+            let mut cmd = self.nsenter(ns);
+            cmd.arg(&self.bin)
+                .args(["--interface", tun, "--listen-port", &port, "--bind-to-interface", up])
+                .args(if server { &endpoint[..0] } else { &endpoint[..] })
+                .args(["--insecure-no-auth", "--xdp-mode", xdp_mode, "--busy-poll", &busy_poll]);
+            println!(
+                "bench: ({role} ns) {}",
+                deps::show(&cmd).trim_start_matches("nsenter ")
+            );
+            let proc = Proc::spawn(
+                &format!("{role} daemon"),
+                &mut cmd,
+                &self.work.join(format!("{role}{tag}.log")),
+            )?;
+            if server {
+                self.server = Some(proc);
+            } else {
+                self.client = Some(proc);
+            }
+        }
         for server in [true, false] {
             self.wait_status(server)?;
         }
         Ok(())
     }
 
+    /// Start both daemons and the iperf3 server; wait until each answers.
     pub fn start(&mut self, xdp_mode: &str, busy_poll: u32) -> Result<()> {
         self.spawn_daemons(xdp_mode, busy_poll, "")?;
         let mut cmd = self.netns_exec(&self.names.srv.clone(), "iperf3");
