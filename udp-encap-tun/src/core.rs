@@ -169,11 +169,8 @@ impl Core {
     /// A packet read from the TUN. On `Send`, `pkt[payload]` has been
     /// rewritten to the wire form (MSS clamped, checksum without addresses).
     pub fn from_tun(&mut self, pkt: &mut [u8], now: Instant) -> Result<FromTun, Discard> {
-        let t = match wire::parse_ipv4_tcp(pkt) {
-            Ok(t) => t,
-            Err(reason) => return self.discard(reason),
-        };
-        let Some(to) = self.route_tun(t.dst, now)? else {
+        let (t, to) = self.parse_and_route(pkt, now)?;
+        let Some(to) = to else {
             return Ok(FromTun::NeedAuth { server: t.dst });
         };
         let Some(seg) = pkt.get_mut(t.segment.clone()) else {
@@ -204,11 +201,8 @@ impl Core {
         hdrs: &mut [u8],
         now: Instant,
     ) -> Result<FromTunSuper, Discard> {
-        let t = match wire::parse_ipv4_tcp(pkt) {
-            Ok(t) => t,
-            Err(reason) => return self.discard(reason),
-        };
-        let Some(to) = self.route_tun(t.dst, now)? else {
+        let (t, to) = self.parse_and_route(pkt, now)?;
+        let Some(to) = to else {
             return Ok(FromTunSuper::NeedAuth { server: t.dst });
         };
         let Some(seg) = pkt.get_mut(t.segment.clone()) else {
@@ -225,6 +219,17 @@ impl Core {
         self.counters.add(Traffic::TunRxPackets, count as u64);
         self.counters.add(Traffic::TunRxBytes, (seg.len() + (count - 1) * thl) as u64);
         Ok(FromTunSuper::Send { to, count, thl, payload: t.segment.start + thl..t.segment.end })
+    }
+
+    /// A packet from the TUN checked (a refusal counted) and routed: where
+    /// it goes, `None` if a lease must be had first.
+    fn parse_and_route(&mut self, pkt: &[u8], now: Instant) -> Result<(wire::Ipv4Tcp, Option<SocketAddrV4>), Discard> {
+        let t = match wire::parse_ipv4_tcp(pkt) {
+            Ok(t) => t,
+            Err(reason) => return self.discard(reason),
+        };
+        let to = self.route_tun(t.dst, now)?;
+        Ok((t, to))
     }
 
     /// Where a packet from the TUN to `dst` goes: the server's peer with that

@@ -449,7 +449,10 @@ impl DataPath {
             let now = Instant::now();
             let start = if *offload { tso::VNET_HDR_LEN } else { 0 };
             let (vnet, rest) = tun_read.split_at_mut(start.min(n));
-            let Some(pkt) = rest.get_mut(..n.saturating_sub(start)) else { continue };
+            let Some(pkt) = rest.get_mut(..n.saturating_sub(start)) else {
+                out.counters.discard(Discard::Malformed);
+                continue;
+            };
             let kind = match offload {
                 true => tso::VnetHdr::parse(vnet).map_or(tso::Read::Other, |h| h.read_kind()),
                 false => tso::Read::Single { partial_csum: None },
@@ -668,10 +671,10 @@ impl Out<'_> {
         match split {
             Ok(k) => {
                 for (buf, size) in tx.iter().zip(sizes.iter()).take(k) {
-                    if let Some(p) = buf.get(..*size)
-                        && let Ok(t) = crate::wire::parse_ipv4_tcp(p)
-                    {
-                        self.need_auth.push((t.dst, p.to_vec()));
+                    match buf.get(..*size).map(|p| (p, crate::wire::parse_ipv4_tcp(p))) {
+                        Some((p, Ok(t))) => self.need_auth.push((t.dst, p.to_vec())),
+                        Some((_, Err(reason))) => self.counters.discard(reason),
+                        None => self.counters.discard(Discard::Malformed),
                     }
                 }
             }
