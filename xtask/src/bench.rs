@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// once, as by default).
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 0)]
     busy_poll: u32,
+    /// The TUNs' MTU: at most 1492, the 1500-byte veth's MTU minus the 8
+    /// bytes the wire adds (the raw path has the veth's whole 1500).
+    #[arg(long, value_name = "BYTES", default_value_t = topo::DEFAULT_TUN_MTU,
+          value_parser = clap::value_parser!(u32).range(576..=i64::from(topo::MAX_TUN_MTU)))]
+    tun_mtu: u32,
     /// Where results.json and bench.svg go (relative: to the workspace root).
     #[arg(long, value_name = "DIR", default_value = "bench-out")]
     out: PathBuf,
@@ -182,7 +187,7 @@ fn run(args: &BenchArgs) -> Result<()> {
 
     topo::install_signal_handlers();
     let started = Instant::now();
-    let mut t = Topology::build(&bin).context("bench: building the namespaces")?;
+    let mut t = Topology::build(&bin, args.tun_mtu).context("bench: building the namespaces")?;
     println!(
         "bench: namespaces {} and {} (removed at exit); tunnel over {}/{}, raw over {}/{}",
         t.names.srv, t.names.cli, t.names.up_s, t.names.up_c, t.names.raw_s, t.names.raw_c
@@ -191,7 +196,7 @@ fn run(args: &BenchArgs) -> Result<()> {
         .context("bench: starting the daemons")?;
     let _rr_server = rr::Server::start(&t.names.srv)?;
 
-    let facts = machine_facts(&t, &root, &bin, &args.xdp_mode, given)?;
+    let facts = machine_facts(&t, &root, &bin, args, given)?;
     println!("\nbench: machine");
     for (k, v) in &facts {
         println!("  {k:<24} {v}");
@@ -452,9 +457,10 @@ fn machine_facts(
     t: &Topology,
     root: &Path,
     bin: &Path,
-    xdp_mode: &str,
+    args: &BenchArgs,
     given: bool,
 ) -> Result<Vec<(String, String)>> {
+    let (xdp_mode, tun_mtu) = (&args.xdp_mode, args.tun_mtu);
     let read = |p: &str| {
         std::fs::read_to_string(p)
             .map(|s| s.trim().to_string())
@@ -549,7 +555,7 @@ fn machine_facts(
         ("iperf3".into(), iperf),
         (
             "tunnel MTU / raw MTU".into(),
-            format!("{} (TUN) / 1500 (veth, GSO/GRO on)", topo::TUN_MTU),
+            format!("{tun_mtu} (TUN) / {} (veth, GSO/GRO on)", topo::VETH_MTU),
         ),
     ])
 }

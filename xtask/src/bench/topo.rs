@@ -219,7 +219,13 @@ pub const CLI_TUN: &str = "198.19.0.2";
 pub const DAEMON_PORT: u16 = 12345;
 pub const IPERF_PORT: u16 = 5201;
 pub const RR_PORT: u16 = 5202;
-pub const TUN_MTU: u32 = 1400;
+/// The veth pairs' MTU (the kernel's default for veth).
+pub const VETH_MTU: u32 = 1500;
+/// The most the TUN may have on a VETH_MTU uplink: the wire adds 8 bytes.
+pub const MAX_TUN_MTU: u32 = VETH_MTU - 8;
+/// The TUNs' MTU unless --tun-mtu says otherwise: the README's example, and
+/// every figure in docs/bench.md up to now was measured with it.
+pub const DEFAULT_TUN_MTU: u32 = 1400;
 
 /// Names of everything this run creates.
 pub struct Names {
@@ -279,7 +285,7 @@ impl Drop for Topology {
 
 impl Topology {
     /// Build both namespaces, both veth pairs and both TUNs.
-    pub fn build(bin: &Path) -> Result<Topology> {
+    pub fn build(bin: &Path, tun_mtu: u32) -> Result<Topology> {
         let id = std::process::id();
         let names = Names::new(id);
         let work = std::env::temp_dir().join(format!("uet-bench-{id}"));
@@ -326,7 +332,7 @@ impl Topology {
             sh("ip", &["-n", &srv, "link", "set", s, "up"])?;
             sh("ip", &["-n", &cli, "link", "set", c, "up"])?;
         }
-        let mtu = TUN_MTU.to_string();
+        let mtu = tun_mtu.to_string();
         for (ns, tun, addr) in [
             (&srv, &n.tun_s, format!("{SRV_TUN}/24")),
             (&cli, &n.tun_c, format!("{CLI_TUN}/32")),
