@@ -37,6 +37,18 @@ fn gbps(runs: &[Run]) -> Vec<f64> {
     runs.iter().map(|r| r.gbps).collect()
 }
 
+/// Tunnel over raw for each pair of runs made back to back (run i of each
+/// path): the spread of these is how far the ratio can be trusted, since slow
+/// drift of the machine hits both runs of a pair alike.
+pub fn pair_ratios(tunnel: &[f64], raw: &[f64]) -> Vec<f64> {
+    tunnel
+        .iter()
+        .zip(raw)
+        .filter(|(_, w)| **w > 0.0)
+        .map(|(t, w)| t / w)
+        .collect()
+}
+
 fn minmax(v: &[f64]) -> (f64, f64) {
     v.iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
@@ -81,7 +93,8 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "\nThroughput: iperf3, {} runs of {} s per case and path, tunnel and raw alternated; \
-         median (min–max) in Gbit/s. CPU: utime+stime of both daemons per 10^9 bytes moved.\n",
+         median (min–max) in Gbit/s. tunnel / raw: median over median, and in brackets the lowest \
+         and highest ratio of two runs made back to back. CPU: utime+stime of both daemons per 10^9 bytes moved.\n",
         r.runs, r.seconds
     );
     let _ = writeln!(
@@ -92,6 +105,7 @@ pub fn markdown(r: &Results) -> String {
     for (case, cr) in &r.cases {
         let (t, w) = (gbps(&cr.tunnel), gbps(&cr.raw));
         let (cpu, cs, cc) = cpu_per_gb(cr);
+        let pairs = minmax(&pair_ratios(&t, &w));
         let retr = |runs: &[Run]| {
             median(
                 &runs
@@ -102,11 +116,13 @@ pub fn markdown(r: &Results) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.3} | {:.2} ({:.2} + {:.2}) | {:.0} / {:.0} |",
+            "| {} | {} | {} | {:.3} ({:.2}–{:.2}) | {:.2} ({:.2} + {:.2}) | {:.0} / {:.0} |",
             case.label(),
             fmt_median_range(&t),
             fmt_median_range(&w),
             median(&t) / median(&w),
+            pairs.0,
+            pairs.1,
             cpu,
             cs,
             cc,
@@ -195,6 +211,7 @@ pub fn json(r: &Results) -> Value {
                 "tunnel_gbit_median": median(&t),
                 "raw_gbit_median": median(&w),
                 "ratio": median(&t) / median(&w),
+                "pair_ratios": pair_ratios(&t, &w),
                 "daemon_cpu_s_per_gb": {"total": cpu, "server": cs, "client": cc},
                 "tunnel_runs": cr.tunnel.iter().map(run).collect::<Vec<_>>(),
                 "raw_runs": cr.raw.iter().map(run).collect::<Vec<_>>(),
@@ -429,5 +446,26 @@ fn trim(v: f64) -> String {
         format!("{v:.0}")
     } else {
         format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pair_ratios_divide_runs_made_back_to_back() {
+        let r = pair_ratios(&[8.0, 6.0, 9.0], &[16.0, 15.0, 18.0]);
+        assert_eq!(r, vec![0.5, 0.4, 0.5]);
+        assert_eq!(minmax(&r), (0.4, 0.5));
+        // A raw run that moved nothing has no ratio; an unpaired run neither.
+        assert_eq!(pair_ratios(&[8.0, 6.0, 1.0], &[0.0, 12.0]), vec![0.5]);
+    }
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
     }
 }
