@@ -138,6 +138,9 @@ pub struct Results {
     /// With the default --busy-poll 0, the tunnel's round trips again with
     /// the daemons restarted with --busy-poll N: (N, samples).
     pub rr_busy: Option<(u32, Vec<u64>)>,
+    /// Round trips (ns) of a byte between two threads pinned to CPUs 0 and
+    /// 1: what two wake-ups across CPUs cost here (None: not measured).
+    pub wake: Option<Vec<u64>>,
     /// Counter deltas over the whole benchmark: (who, name, delta).
     pub counters: Vec<(String, String, u64)>,
     pub wall: Duration,
@@ -275,6 +278,16 @@ fn run(args: &BenchArgs) -> Result<()> {
     } else {
         None
     };
+    // What the latency figures are made of: the tunnel's round trip has four
+    // more wake-ups than raw's, and this is what two of them cost here.
+    let wake = match rr::wake_round_trips(Duration::from_secs_f64(rr_seconds)) {
+        Ok(w) => w,
+        Err(e) => {
+            topo::check_interrupted()?;
+            eprintln!("bench: the wake-up measurement failed, left out: {e:#}");
+            None
+        }
+    };
     let mut counters = Vec::new();
     for (who, a, b) in [
         ("server daemon", &counters0.0, &counters1.0),
@@ -299,6 +312,7 @@ fn run(args: &BenchArgs) -> Result<()> {
         rr_tunnel,
         rr_raw,
         rr_busy,
+        wake,
         counters,
         wall: started.elapsed(),
     };

@@ -144,3 +144,70 @@ pub fn measure(ns: &str, to: SocketAddr, dur: Duration) -> Result<Vec<u64>> {
     topo::check_interrupted()?;
     Ok(v)
 }
+
+/// What a wake-up across CPUs costs on this machine: two threads, pinned to
+/// CPUs 0 and 1, pass one byte back and forth over a socket pair for `dur`.
+/// Each round trip is two wake-ups of a thread sleeping on another CPU, as
+/// each daemon's is when a packet reaches it. Returns each round trip in
+/// nanoseconds, or None with fewer than 2 CPUs.
+pub fn wake_round_trips(dur: Duration) -> Result<Option<Vec<u64>>> {
+    use std::os::unix::net::UnixStream;
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return Ok(None);
+    }
+    let (mut a, mut b) = UnixStream::pair().context("wake-up test: socketpair")?;
+    let echo = std::thread::spawn(move || -> Result<()> {
+        pin_to_cpu(1)?;
+        let mut byte = [0u8; 1];
+        // Ends when the other side closes its end (read returns 0).
+        while b.read(&mut byte)? == 1 {
+            b.write_all(&byte)?;
+        }
+        Ok(())
+    });
+    // Both ends are threads of their own, so the caller's affinity stays.
+    let measure = std::thread::spawn(move || -> Result<Vec<u64>> {
+        pin_to_cpu(0)?;
+        let mut out = Vec::with_capacity(100_000);
+        let mut byte = [0u8; 1];
+        let mut i = 0usize;
+        let mut end = None;
+        while end.is_none_or(|e| Instant::now() < e) && !topo::interrupted() {
+            if i == WARMUP {
+                end = Some(Instant::now() + dur);
+            }
+            let t0 = Instant::now();
+            a.write_all(&byte)?;
+            a.read_exact(&mut byte)?;
+            if i >= WARMUP {
+                out.push(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            }
+            i += 1;
+        }
+        Ok(out)
+        // `a` is dropped here: the echo thread reads 0 and ends.
+    });
+    let out = measure
+        .join()
+        .map_err(|_| anyhow::anyhow!("wake-up test: measuring thread panicked"))?;
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("wake-up test: echo thread panicked"))??;
+    topo::check_interrupted()?;
+    out.map(Some)
+}
+
+/// Pins the calling thread to one CPU (sched_setaffinity(2)).
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data and zeroed is the empty set; CPU_SET
+    // writes within it (cpu is 0 or 1, far below CPU_SETSIZE) and
+    // sched_setaffinity only reads it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        bail!("sched_setaffinity(CPU {cpu}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
