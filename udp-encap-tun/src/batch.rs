@@ -13,6 +13,14 @@
 //! EIO (newer kernels checksum in software instead). The socket then falls
 //! back for good to one datagram per call, and says so once in the log (the
 //! approach quinn-udp takes).
+//!
+//! Why not quinn-udp itself: its `Transmit` carries one contiguous buffer
+//! per send, while the send side here gathers a TCP header from a small
+//! arena and the payload from the TUN read buffer for each datagram
+//! (tso.rs); one buffer would mean copying every payload once more, the
+//! copy tso.rs exists to avoid. nix's `sendmsg`/`recvmsg` with the
+//! `UdpGsoSegments`/`UdpGroSegments` control messages do the job without
+//! unsafe code of our own.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddrV4;
