@@ -215,7 +215,8 @@ impl Core {
         let Some(count) = crate::tso::split_wire(seg, gso_size, hdrs) else {
             return self.discard(Discard::Malformed);
         };
-        let thl = usize::from(seg.get(12).map_or(0, |d| d >> 4)) * 4;
+        // split_wire checked the header length.
+        let thl = wire::tcp_header_len(seg).unwrap_or(0);
         self.counters.add(Traffic::TunRxPackets, count as u64);
         self.counters.add(Traffic::TunRxBytes, (seg.len() + (count - 1) * thl) as u64);
         Ok(FromTunSuper::Send { to, count, thl, payload: t.segment.start + thl..t.segment.end })

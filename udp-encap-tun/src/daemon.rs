@@ -698,7 +698,7 @@ async fn write_run(
 ) -> io::Result<()> {
     let bad = || io::Error::other("a run that does not fit its buffer");
     let (Some(first), Some(last)) = (run.first(), run.last()) else { return Ok(()) };
-    let thl = train.get(first.clone()).and_then(gro::header_len).ok_or_else(bad)?;
+    let thl = train.get(first.clone()).and_then(crate::wire::tcp_header_len).ok_or_else(bad)?;
     let (head, tail) = train.split_at_mut(first.end.min(last.end));
     let first_seg = head.get_mut(first.clone()).ok_or_else(bad)?;
     let mut rest: [&[u8]; MAX_RUN] = [&[]; MAX_RUN];

@@ -47,10 +47,7 @@ fn be32(b: &[u8], at: usize) -> Option<u32> {
 }
 
 fn view(seg: &[u8]) -> Option<View> {
-    let header = usize::from(seg.get(DATA_OFFSET)? >> 4) * 4;
-    if header < wire::TCP_HEADER_MIN || header > seg.len() {
-        return None;
-    }
+    let header = wire::tcp_header_len(seg)?;
     Some(View { seq: be32(seg, SEQ)?, flags: *seg.get(FLAGS)?, header, payload: seg.len() - header })
 }
 
@@ -60,11 +57,6 @@ fn same_flow(a: &[u8], b: &[u8], header: usize) -> bool {
     [0..4, ACK..ACK + 4, DATA_OFFSET..DATA_OFFSET + 1, WINDOW..WINDOW + 2, wire::TCP_HEADER_MIN..header]
         .into_iter()
         .all(|r| matches!((a.get(r.clone()), b.get(r)), (Some(x), Some(y)) if x == y))
-}
-
-/// The TCP header length of a segment (data offset), if it is sane.
-pub fn header_len(seg: &[u8]) -> Option<usize> {
-    view(seg).map(|v| v.header)
 }
 
 /// Where the run that starts at `segs[start]` ends (exclusive). `segs` are

@@ -15,7 +15,7 @@
 //! would then move (RFC 1624) to the wire form.
 
 use crate::wire::{self, PROTO_TCP};
-use crate::wire::tcp::{CHECKSUM as TCP_CSUM, DATA_OFFSET, FLAG_CWR, FLAG_FIN, FLAG_PSH, FLAGS as TCP_FLAGS, SEQ as TCP_SEQ};
+use crate::wire::tcp::{CHECKSUM as TCP_CSUM, FLAG_CWR, FLAG_FIN, FLAG_PSH, FLAGS as TCP_FLAGS, SEQ as TCP_SEQ};
 
 /// `struct virtio_net_hdr` without MRG_RXBUF: what precedes every read.
 pub const VNET_HDR_LEN: usize = tun_rs::VIRTIO_NET_HDR_LEN;
@@ -103,8 +103,8 @@ pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Option<
 /// of segments, or `None` if `seg` is not a TCP header with payload, the
 /// arena is too small or there would be more than [`MAX_SEGMENTS`].
 pub fn split_wire(seg: &[u8], gso_size: usize, hdrs: &mut [u8]) -> Option<usize> {
-    let thl = usize::from(*seg.get(DATA_OFFSET)? >> 4) * 4;
-    if thl < wire::TCP_HEADER_MIN || gso_size == 0 {
+    let thl = wire::tcp_header_len(seg)?;
+    if gso_size == 0 {
         return None;
     }
     let template = seg.get(..thl)?;

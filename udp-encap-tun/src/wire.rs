@@ -50,8 +50,7 @@ mod ipv4 {
     pub const DF: u16 = 0x4000;
 }
 
-/// Field offsets inside a TCP header (RFC 9293).
-/// TCP header field offsets and flags.
+/// TCP header field offsets and flags (RFC 9293).
 pub mod tcp {
     pub const SEQ: usize = 4;
     pub const ACK: usize = 8;
@@ -188,17 +187,17 @@ pub fn parse_ipv4_tcp(pkt: &[u8]) -> Result<Ipv4Tcp, Discard> {
     })
 }
 
+/// The length of `seg`'s TCP header from its data offset, if that is at
+/// least 5 words and fits inside `seg` (so the whole fixed header is there).
+pub fn tcp_header_len(seg: &[u8]) -> Option<usize> {
+    let len = usize::from(seg.get(tcp::DATA_OFFSET)? >> 4) * 4;
+    (TCP_HEADER_MIN..=seg.len()).contains(&len).then_some(len)
+}
+
 /// Checks that `seg` can be a TCP segment: a full header, a data offset of
 /// at least 5 words that fits inside it.
 pub fn check_tcp_header(seg: &[u8]) -> Result<(), Discard> {
-    if seg.len() < TCP_HEADER_MIN {
-        return Err(Discard::Malformed);
-    }
-    let doff = usize::from(seg.get(tcp::DATA_OFFSET).ok_or(Discard::Malformed)? >> 4) * 4;
-    if doff < TCP_HEADER_MIN || doff > seg.len() {
-        return Err(Discard::Malformed);
-    }
-    Ok(())
+    tcp_header_len(seg).map(|_| ()).ok_or(Discard::Malformed)
 }
 
 /// Checks a datagram payload received from a peer: one TCP segment that
