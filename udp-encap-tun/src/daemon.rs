@@ -461,27 +461,11 @@ impl DataPath {
                 tso::Read::TcpV4 { gso_size } => match core.from_tun_super(pkt, gso_size, hdrs, now) {
                     Ok(FromTunSuper::Send { to, count, thl, payload }) => {
                         let data = pkt.get(payload).unwrap_or(&[]);
-                        let mut parts = hdrs.chunks_exact(thl.max(1)).zip(data.chunks(gso_size)).take(count);
+                        let parts = hdrs.chunks_exact(thl.max(1)).zip(data.chunks(gso_size)).take(count);
                         // Trains within the kernel's limits (one, once the
                         // TUN's gso_max_segs is capped).
                         let per_send = (batch::MAX_GSO_BYTES / (thl + gso_size)).clamp(1, batch::MAX_GSO_SEGMENTS);
-                        loop {
-                            let mut iov = [IoSlice::new(&[]); 2 * batch::MAX_GSO_SEGMENTS];
-                            let (mut k, mut bytes) = (0, 0);
-                            for ((h, d), slots) in parts.by_ref().take(per_send).zip(iov.chunks_exact_mut(2)) {
-                                if let [a, b] = slots {
-                                    *a = IoSlice::new(h);
-                                    *b = IoSlice::new(d);
-                                }
-                                bytes += h.len() + d.len();
-                                k += 1;
-                            }
-                            if k == 0 {
-                                break;
-                            }
-                            let r = udp.send(to, iov.get(..2 * k).unwrap_or(&[]), 2).await;
-                            out.sent(r, to, k, bytes, now);
-                        }
+                        out.send_pairs(udp, to, parts, per_send, now).await;
                     }
                     Ok(FromTunSuper::NeedAuth { .. }) => out.queue_split(vnet, pkt, tx, tx_sizes, now),
                     Err(_) => {} // counted by the core
@@ -560,27 +544,26 @@ impl DataPath {
             let Some(src) = core.accept_train(r.src, train, r.stride, now, gate, &mut self.accepted) else {
                 continue;
             };
-            // 2. Write the runs.
-            let mut start = 0;
-            while start < self.accepted.len() {
-                let chunk = self.accepted.get(start..).unwrap_or(&[]);
-                let chunk = chunk.get(..chunk.len().min(MAX_RUN)).unwrap_or(&[]);
-                let mut refs: [&[u8]; MAX_RUN] = [&[]; MAX_RUN];
-                for (slot, range) in refs.iter_mut().zip(chunk) {
-                    *slot = train.get(range.clone()).unwrap_or(&[]);
+            // 2. Find where the runs end (a train holds at most MAX_RUN
+            //    datagrams; more would be cut into chunks), then write them:
+            //    the writes need the train mutably, the search only to read.
+            for chunk in self.accepted.chunks(MAX_RUN) {
+                let (ends, runs) = run_ends(train, chunk);
+                let mut start = 0;
+                for &end in ends.get(..runs).unwrap_or(&[]) {
+                    let run = chunk.get(start..end).unwrap_or(&[]);
+                    let count = end - start;
+                    start = end;
+                    if let Err(e) = write_run(tun, train, run, src, core, &mut self.headers).await {
+                        self.counters.discard_n(Discard::IoError, count as u64);
+                        self.io_log.log(now, || format!("writing to the TUN: {e}"));
+                        continue;
+                    }
+                    let bytes: usize = run.iter().map(|r| r.len()).sum();
+                    self.counters.add(Traffic::TunWrites, 1);
+                    self.counters.add(Traffic::TunTxPackets, count as u64);
+                    self.counters.add(Traffic::TunTxBytes, (bytes + count * HEADROOM) as u64);
                 }
-                let count = gro::run_end(refs.get(..chunk.len()).unwrap_or(&[]), 0).max(1);
-                let run = chunk.get(..count).unwrap_or(&[]);
-                start += count;
-                if let Err(e) = write_run(tun, train, run, src, core, &mut self.headers).await {
-                    self.counters.discard_n(Discard::IoError, count as u64);
-                    self.io_log.log(now, || format!("writing to the TUN: {e}"));
-                    continue;
-                }
-                let bytes: usize = run.iter().map(|r| r.len()).sum();
-                self.counters.add(Traffic::TunWrites, 1);
-                self.counters.add(Traffic::TunTxPackets, count as u64);
-                self.counters.add(Traffic::TunTxBytes, (bytes + count * HEADROOM) as u64);
             }
         }
         UDP_RECVS_PER_WAKE
@@ -659,6 +642,35 @@ impl Out<'_> {
         }
     }
 
+    /// Sends datagrams made of (wire TCP header, payload) pairs to `to`, in
+    /// GSO trains of at most `per_send`, each pair gathered by two iovecs.
+    async fn send_pairs<'p>(
+        &mut self,
+        udp: &BatchUdp,
+        to: SocketAddrV4,
+        mut parts: impl Iterator<Item = (&'p [u8], &'p [u8])>,
+        per_send: usize,
+        now: Instant,
+    ) {
+        loop {
+            let mut iov = [IoSlice::new(&[]); 2 * batch::MAX_GSO_SEGMENTS];
+            let (mut k, mut bytes) = (0, 0);
+            for ((h, d), slots) in parts.by_ref().take(per_send).zip(iov.chunks_exact_mut(2)) {
+                if let [a, b] = slots {
+                    *a = IoSlice::new(h);
+                    *b = IoSlice::new(d);
+                }
+                bytes += h.len() + d.len();
+                k += 1;
+            }
+            if k == 0 {
+                return;
+            }
+            let r = udp.send(to, iov.get(..2 * k).unwrap_or(&[]), 2).await;
+            self.sent(r, to, k, bytes, now);
+        }
+    }
+
     /// A super-segment for a server without a lease yet (client with
     /// authentication): cut into whole packets as the kernel would have sent
     /// them (tun-rs's split: rare, so its copies do not matter), each queued
@@ -684,6 +696,25 @@ impl Out<'_> {
             }
         }
     }
+}
+
+/// Where the runs (gro.rs) of the accepted segments `chunk` of `train` end:
+/// `ends[..runs]`, each an index into `chunk`, the last `chunk.len()`.
+fn run_ends(train: &[u8], chunk: &[std::ops::Range<usize>]) -> ([usize; MAX_RUN], usize) {
+    let mut segs: [&[u8]; MAX_RUN] = [&[]; MAX_RUN];
+    for (slot, range) in segs.iter_mut().zip(chunk) {
+        *slot = train.get(range.clone()).unwrap_or(&[]);
+    }
+    let segs = segs.get(..chunk.len().min(MAX_RUN)).unwrap_or(&[]);
+    let (mut ends, mut runs, mut start) = ([0; MAX_RUN], 0, 0);
+    while start < segs.len() {
+        start = gro::run_end(segs, start).clamp(start + 1, segs.len());
+        if let Some(e) = ends.get_mut(runs) {
+            *e = start;
+            runs += 1;
+        }
+    }
+    (ends, runs)
 }
 
 /// Writes one run (gro.rs) of the accepted segments `run` of `train` to the
@@ -1070,6 +1101,33 @@ fn status_text(
 #[allow(clippy::indexing_slicing, clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Run boundaries within a train: consecutive segments of one flow
+    /// merge, anything else stands alone.
+    #[test]
+    fn run_ends_split_a_train_where_gro_rules_say() {
+        let seg = |seq: u32, flags: u8, len: usize| {
+            let mut s = vec![0x9c, 0x40, 0, 80, 0, 0, 0, 0, 0, 0, 0, 1, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0];
+            s[4..8].copy_from_slice(&seq.to_be_bytes());
+            s.extend(std::iter::repeat_n(7u8, len));
+            s
+        };
+        // three in order, a PSH one that ends that run, a pure ACK, two more in order
+        let segs = [seg(0, 0x10, 100), seg(100, 0x10, 100), seg(200, 0x18, 100), seg(300, 0x10, 0), seg(300, 0x10, 100), seg(400, 0x10, 100)];
+        let train: Vec<u8> = segs.concat();
+        let mut ranges = Vec::new();
+        let mut at = 0;
+        for s in &segs {
+            ranges.push(at..at + s.len());
+            at += s.len();
+        }
+        let (ends, runs) = run_ends(&train, &ranges);
+        assert_eq!(&ends[..runs], &[3, 4, 6]);
+        assert_eq!(run_ends(&train, &[]).1, 0);
+        // garbage stands alone and the last end is always the chunk's length
+        let (ends, runs) = run_ends(&[0u8; 30], &[0..10, 10..20, 20..30]);
+        assert_eq!(&ends[..runs], &[1, 2, 3]);
+    }
 
     /// A super-segment for a server without a lease is queued as the whole
     /// packets the kernel would have sent, each with a valid checksum.

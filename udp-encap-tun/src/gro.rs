@@ -63,11 +63,11 @@ fn same_flow(a: &[u8], b: &[u8], header: usize) -> bool {
 /// checked segments of one peer, in arrival order.
 pub fn run_end(segs: &[&[u8]], start: usize) -> usize {
     let next = start + 1;
-    let Some(first) = segs.get(start).and_then(|s| view(s)) else { return next };
+    let Some(first_seg) = segs.get(start) else { return next };
+    let Some(first) = view(first_seg) else { return next };
     if first.payload == 0 || first.flags & (FLAGS_ALONE | FLAG_PSH) != 0 {
         return next;
     }
-    let Some(first_seg) = segs.get(start) else { return next };
     let mut end = next;
     let mut expect = first.seq.wrapping_add(first.payload as u32);
     let mut total = first.header + first.payload;
