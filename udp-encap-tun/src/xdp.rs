@@ -533,10 +533,7 @@ fn attach_program(
                 "{uplink} is a veth: generic XDP, because native XDP on a veth disables \
                  GSO on its peer and costs the tunnel its batching (--xdp-mode native forces it)"
             );
-            program
-                .attach_to_if_index(ifindex, Kernel::Skb)
-                .map(|l| (l, "generic"))
-                .map_err(|e| err("generic", String::new(), e))
+            attach_program(program, uplink, ifindex, XdpMode::Generic)
         }
         XdpMode::Auto => match program.attach_to_if_index(ifindex, Kernel::Driver) {
             Ok(l) => Ok((l, "native")),
