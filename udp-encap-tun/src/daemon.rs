@@ -380,9 +380,8 @@ const TUN_READS_PER_WAKE: usize = 8;
 const PACKETS: usize = tun_rs::IDEAL_BATCH_SIZE;
 /// GRO trains received per wake-up before the loop looks elsewhere.
 const UDP_RECVS_PER_WAKE: usize = 8;
-/// The most segments in one run written to the TUN: a GRO train holds at
-/// most 64 datagrams.
-const MAX_RUN: usize = batch::MAX_GSO_SEGMENTS;
+/// The most segments in one run written to the TUN.
+const MAX_RUN: usize = gro::MAX_RUN;
 const MAX_PACKET: usize = 65536;
 
 /// The buffers of the data path, allocated once. Both directions work in
@@ -548,7 +547,7 @@ impl DataPath {
             //    datagrams; more would be cut into chunks), then write them:
             //    the writes need the train mutably, the search only to read.
             for chunk in self.accepted.chunks(MAX_RUN) {
-                let (ends, runs) = run_ends(train, chunk);
+                let (ends, runs) = gro::run_ends(train, chunk);
                 let mut start = 0;
                 for &end in ends.get(..runs).unwrap_or(&[]) {
                     let run = chunk.get(start..end).unwrap_or(&[]);
@@ -696,25 +695,6 @@ impl Out<'_> {
             }
         }
     }
-}
-
-/// Where the runs (gro.rs) of the accepted segments `chunk` of `train` end:
-/// `ends[..runs]`, each an index into `chunk`, the last `chunk.len()`.
-fn run_ends(train: &[u8], chunk: &[std::ops::Range<usize>]) -> ([usize; MAX_RUN], usize) {
-    let mut segs: [&[u8]; MAX_RUN] = [&[]; MAX_RUN];
-    for (slot, range) in segs.iter_mut().zip(chunk) {
-        *slot = train.get(range.clone()).unwrap_or(&[]);
-    }
-    let segs = segs.get(..chunk.len().min(MAX_RUN)).unwrap_or(&[]);
-    let (mut ends, mut runs, mut start) = ([0; MAX_RUN], 0, 0);
-    while start < segs.len() {
-        start = gro::run_end(segs, start).clamp(start + 1, segs.len());
-        if let Some(e) = ends.get_mut(runs) {
-            *e = start;
-            runs += 1;
-        }
-    }
-    (ends, runs)
 }
 
 /// Writes one run (gro.rs) of the accepted segments `run` of `train` to the
@@ -1101,33 +1081,6 @@ fn status_text(
 #[allow(clippy::indexing_slicing, clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    /// Run boundaries within a train: consecutive segments of one flow
-    /// merge, anything else stands alone.
-    #[test]
-    fn run_ends_split_a_train_where_gro_rules_say() {
-        let seg = |seq: u32, flags: u8, len: usize| {
-            let mut s = vec![0x9c, 0x40, 0, 80, 0, 0, 0, 0, 0, 0, 0, 1, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0];
-            s[4..8].copy_from_slice(&seq.to_be_bytes());
-            s.extend(std::iter::repeat_n(7u8, len));
-            s
-        };
-        // three in order, a PSH one that ends that run, a pure ACK, two more in order
-        let segs = [seg(0, 0x10, 100), seg(100, 0x10, 100), seg(200, 0x18, 100), seg(300, 0x10, 0), seg(300, 0x10, 100), seg(400, 0x10, 100)];
-        let train: Vec<u8> = segs.concat();
-        let mut ranges = Vec::new();
-        let mut at = 0;
-        for s in &segs {
-            ranges.push(at..at + s.len());
-            at += s.len();
-        }
-        let (ends, runs) = run_ends(&train, &ranges);
-        assert_eq!(&ends[..runs], &[3, 4, 6]);
-        assert_eq!(run_ends(&train, &[]).1, 0);
-        // garbage stands alone and the last end is always the chunk's length
-        let (ends, runs) = run_ends(&[0u8; 30], &[0..10, 10..20, 20..30]);
-        assert_eq!(&ends[..runs], &[1, 2, 3]);
-    }
 
     /// A super-segment for a server without a lease is queued as the whole
     /// packets the kernel would have sent, each with a valid checksum.

@@ -19,6 +19,7 @@
 //! payload, are never merged. Pure: no I/O.
 
 use std::net::Ipv4Addr;
+use std::ops::Range;
 
 use crate::wire::{self, IPV4_HEADER_LEN, IPV4_MAX_LEN};
 use crate::tso::F_NEEDS_CSUM as NEEDS_CSUM;
@@ -28,6 +29,10 @@ use crate::wire::tcp::{ACK, CHECKSUM, DATA_OFFSET, FLAG_PSH, FLAGS, SEQ, WINDOW}
 pub const VNET_LEN: usize = crate::tso::VNET_HDR_LEN;
 /// The headers the daemon writes in front of a run: virtio-net and IPv4.
 pub const RUN_HEADER_LEN: usize = VNET_LEN + IPV4_HEADER_LEN;
+
+/// The most segments a run holds: a UDP GRO train carries at most 64
+/// datagrams (UDP_GRO_CNT_MAX), and one run comes from one train.
+pub const MAX_RUN: usize = crate::batch::MAX_GSO_SEGMENTS;
 
 /// FIN, SYN, RST, URG, ECE, CWR: a segment carrying any of them stands alone.
 const FLAGS_ALONE: u8 = 0x01 | 0x02 | 0x04 | 0x20 | 0x40 | 0x80;
@@ -92,6 +97,27 @@ pub fn run_end(segs: &[&[u8]], start: usize) -> usize {
         }
     }
     end
+}
+
+/// Where the runs of the segments `chunk` (ranges of `train`, at most
+/// [`MAX_RUN`] are looked at) end: `ends[..runs]`, each an index into
+/// `chunk`, the last one its length. Found in one pass before any run is
+/// written, since writing needs the train mutably.
+pub fn run_ends(train: &[u8], chunk: &[Range<usize>]) -> ([usize; MAX_RUN], usize) {
+    let mut segs: [&[u8]; MAX_RUN] = [&[]; MAX_RUN];
+    for (slot, range) in segs.iter_mut().zip(chunk) {
+        *slot = train.get(range.clone()).unwrap_or(&[]);
+    }
+    let segs = segs.get(..chunk.len().min(MAX_RUN)).unwrap_or(&[]);
+    let (mut ends, mut runs, mut start) = ([0; MAX_RUN], 0, 0);
+    while start < segs.len() {
+        start = run_end(segs, start).clamp(start + 1, segs.len());
+        if let Some(e) = ends.get_mut(runs) {
+            *e = start;
+            runs += 1;
+        }
+    }
+    (ends, runs)
 }
 
 /// Prepares the run `segs` (as [`run_end`] found it) for the TUN: writes the
@@ -191,6 +217,31 @@ mod tests {
         s3.push(seg(1500, 100, ACKF | FLAG_PSH));
         s3.push(seg(1600, 100, ACKF));
         assert_eq!(ends(&s3), vec![(0, 6), (6, 7)]);
+    }
+
+    #[test]
+    fn run_ends_find_every_run_of_a_train_at_once() {
+        // three in order, a PSH one that ends that run, a pure ACK, two more in order
+        let segs = [
+            seg(0, 100, ACKF),
+            seg(100, 100, ACKF),
+            seg(200, 100, ACKF | FLAG_PSH),
+            seg(300, 0, ACKF),
+            seg(300, 100, ACKF),
+            seg(400, 100, ACKF),
+        ];
+        let train = segs.concat();
+        let mut ranges = Vec::new();
+        for s in &segs {
+            let at = ranges.last().map_or(0, |r: &Range<usize>| r.end);
+            ranges.push(at..at + s.len());
+        }
+        let (e, n) = run_ends(&train, &ranges);
+        assert_eq!(&e[..n], &[3, 4, 6]);
+        assert_eq!(run_ends(&train, &[]).1, 0);
+        // garbage stands alone and the last end is always the chunk's length
+        let (e, n) = run_ends(&[0u8; 30], &[0..10, 10..20, 20..30]);
+        assert_eq!(&e[..n], &[1, 2, 3]);
     }
 
     #[test]
