@@ -254,7 +254,6 @@ fn run(args: &BenchArgs) -> Result<()> {
         rr::MSG
     );
     let (rr_tunnel, mut rr_raw) = latency_pass(&mut t, tun_rr, raw_rr, runs, rr_seconds)?;
-    t.ensure_daemons_alive()?;
 
     let counters1 = (
         t.status(true)?,
@@ -273,7 +272,6 @@ fn run(args: &BenchArgs) -> Result<()> {
             .context("bench: no TCP through the restarted tunnel")?;
         let (busy, raw) = latency_pass(&mut t, tun_rr, raw_rr, runs, rr_seconds)?;
         rr_raw.extend(raw);
-        t.ensure_daemons_alive()?;
         Some((SHOWN_BUSY_POLL, busy))
     } else {
         None
