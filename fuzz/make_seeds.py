@@ -2,7 +2,7 @@
 """Writes the seed fixtures of the fuzz targets (fuzz/seeds/<target>/*.bin).
 
 Run from anywhere; the files are committed, this only documents how they
-were made. Packets are the ones wire.rs and core.rs test with.
+were made. Packets are the ones core/wire.rs and core/mod.rs test with.
 """
 import os
 import struct

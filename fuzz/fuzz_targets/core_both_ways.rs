@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use udp_encap_tun::core::{Core, FromTun, FromTunSuper, GateFull, HEADROOM, PeerGate};
-use udp_encap_tun::store::{ConnectionStore, Pool};
-use udp_encap_tun::wire;
+use udp_encap_tun::core::store::{ConnectionStore, Pool};
+use udp_encap_tun::core::wire;
 use udp_encap_tun_fuzz::{fill_tcp_checksum, ipv4_header_valid, tcp_checksum_valid};
 
 const SERVER_TUN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -130,7 +130,7 @@ struct World {
     sgate: FakeGate,
     cgate: FakeGate,
     now: Instant,
-    expired: Vec<udp_encap_tun::store::Entry>,
+    expired: Vec<udp_encap_tun::core::store::Entry>,
 }
 
 impl World {
@@ -226,7 +226,7 @@ impl World {
                 // The same packet as a TSO super-segment, cut at some size.
                 let gso = usize::from(mode >> 3) * 97 + 1;
                 let mut sup = pkt.clone();
-                let mut hdrs = vec![0u8; 64 * udp_encap_tun::tso::MAX_TCP_HEADER];
+                let mut hdrs = vec![0u8; 64 * udp_encap_tun::core::tso::MAX_TCP_HEADER];
                 if let Ok(FromTunSuper::Send { to, count, thl, payload }) =
                     self.client.from_tun_super(&mut sup, gso, &mut hdrs, self.now)
                 {

@@ -1,6 +1,6 @@
 //! A TUN read with offloads on: the virtio-net header, a partial checksum
 //! to complete, and a TSO super-segment cut into wire datagrams
-//! (`udp_encap_tun::tso`), on any bytes.
+//! (`udp_encap_tun::core::tso`), on any bytes.
 //!
 //! Input: 10 bytes of virtio-net header (host byte order, as the kernel
 //! writes it), then the packet's TCP part: header and payload (see
@@ -10,7 +10,7 @@
 use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
-use udp_encap_tun::tso::{self, MAX_TCP_HEADER, Read, VNET_HDR_LEN, VnetHdr};
+use udp_encap_tun::core::tso::{self, MAX_TCP_HEADER, Read, VNET_HDR_LEN, VnetHdr};
 use udp_encap_tun_fuzz::tcp_checksum_valid;
 
 const ZERO: Ipv4Addr = Ipv4Addr::UNSPECIFIED;

@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
-use udp_encap_tun::wire;
+use udp_encap_tun::core::wire;
 use udp_encap_tun_fuzz::{check_clamp, ipv4_header_valid, residue};
 
 const ZERO: Ipv4Addr = Ipv4Addr::UNSPECIFIED;

@@ -9,7 +9,7 @@
 use std::net::Ipv4Addr;
 
 use libfuzzer_sys::fuzz_target;
-use udp_encap_tun::wire;
+use udp_encap_tun::core::wire;
 use udp_encap_tun_fuzz::{TCP_CSUM, check_clamp, residue};
 
 const ZERO: Ipv4Addr = Ipv4Addr::UNSPECIFIED;

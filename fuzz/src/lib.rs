@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use udp_encap_tun::wire;
+use udp_encap_tun::core::wire;
 
 /// Offset of the TCP checksum field in a segment.
 pub const TCP_CSUM: usize = 16;

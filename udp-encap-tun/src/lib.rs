@@ -8,26 +8,21 @@
 //! `connection_store`; traffic the kernel routes to that address goes back to
 //! the peer.
 //!
-//! Layering (the way quinn-proto and boringtun split it):
-//! - [`wire`]: zero-copy views over packet bytes, checksums. No I/O.
-//! - [`store`]: the `connection_store` and its address pool; `now` is an
-//!   argument, never read from a clock.
-//! - [`core`]: turns one packet into one action (send this datagram, write
-//!   this segment, discard for this reason). No I/O, no clock.
-//! - the edge: [`tun`], [`udp`], [`daemon`], [`control`], [`xdp`]: sockets,
-//!   the TUN device, the eBPF program, the status socket.
+//! The folders are the layers (the way quinn-proto and boringtun split it):
+//! - [`core`]: pure. Packet views and checksums, the `connection_store`, the
+//!   translation of one packet into one action. No sockets, no clock: `now`
+//!   is an argument.
+//! - [`edge`]: I/O. The TUN device, the UDP socket and its GSO/GRO batches,
+//!   the XDP gate, interface facts, the status socket.
+//! - [`auth`]: TLS 1.3 authentication and credentials: a pure message codec
+//!   and rate limiter under a tokio edge.
+//! - [`daemon`]: the thin driver that runs the core between the edges.
+//!
+//! [`cli`] and [`counters`] are shared by all of them.
 
 pub mod auth;
-pub mod authq;
-pub mod batch;
 pub mod cli;
 pub mod core;
 pub mod counters;
-pub mod store;
-pub mod wire;
-pub mod xdp;
-pub mod control;
 pub mod daemon;
-pub mod gro;
-pub mod netdev;
-pub mod tso;
+pub mod edge;

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use udp_encap_tun::{cli, control, daemon};
+use udp_encap_tun::edge::control;
+use udp_encap_tun::{cli, daemon};
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sha2::{Digest, Sha256};
-use udp_encap_tun::wire::{fold, sum_words, tcp_checksum};
+use udp_encap_tun::core::wire::{fold, sum_words, tcp_checksum};
 
 const V1: &[&str] = &["--insecure-no-auth", "--xdp-mode", "off"];
 const MIB: u64 = 1024 * 1024;

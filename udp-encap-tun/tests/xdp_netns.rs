@@ -95,7 +95,7 @@ fn prog_show(id: u32) -> Option<String> {
 
 /// Asserts the daemon's program is attached to `dev` and is ours; returns
 /// its id. Under `--xdp-mode auto` a veth gets generic XDP (native XDP on a
-/// veth takes GSO from its peer, see src/xdp.rs).
+/// veth takes GSO from its peer, see src/edge/xdp.rs).
 fn assert_gate_attached(ns: &Netns, dev: &str) -> u32 {
     let a = xdp_on(ns, dev).unwrap_or_else(|| {
         panic!(

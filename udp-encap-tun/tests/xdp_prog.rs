@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use common::{Netns, if_name, in_netns, require_root, wait_until};
 use udp_encap_tun::cli::XdpMode;
-use udp_encap_tun::xdp::{PIN_CONFIG, PIN_COUNTERS, PIN_PEERS, PIN_ROOT, XdpError, XdpGate};
+use udp_encap_tun::edge::xdp::{PIN_CONFIG, PIN_COUNTERS, PIN_PEERS, PIN_ROOT, XdpError, XdpGate};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

@@ -35,6 +35,8 @@ use tokio::net::UdpSocket;
 /// The kernel's cap on segments per GSO send (UDP_MAX_SEGMENTS, 64 before
 /// Linux 6.1's raise to 128: the lower value works everywhere).
 pub const MAX_GSO_SEGMENTS: usize = 64;
+// One GRO train is one run of gro.rs: the two bounds are the same kernel limit.
+const _: () = assert!(MAX_GSO_SEGMENTS == crate::core::gro::MAX_RUN);
 /// A GSO train must fit one IPv4 packet's length field.
 pub const MAX_GSO_BYTES: usize = 65_000;
 

@@ -11,6 +11,22 @@
 //! The core also owns the `connection_store` (server) or the leases
 //! (client), and keeps the peer gate (the XDP map) in step with them: an
 //! entry exists in the store only if the gate accepted it.
+//!
+//! Everything under this folder is pure in the same sense: bytes and `now`
+//! in, decisions out, unit-tested over byte fixtures and an injected clock.
+//! - [`wire`]: zero-copy views over packet bytes, checksums, the MSS clamp;
+//! - [`store`]: the `connection_store` and its address pool;
+//! - [`tso`] / [`gro`]: TUN super-segments cut for the wire, GRO trains
+//!   coalesced for the TUN;
+//! - [`authq`]: client packets waiting for authentication;
+//! - [`ratelog`]: log lines a remote sender can trigger, bounded.
+
+pub mod authq;
+pub mod gro;
+pub mod ratelog;
+pub mod store;
+pub mod tso;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -19,8 +35,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::counters::{Counters, Discard, Traffic};
-use crate::store::{ConnectionStore, Entry, Upsert};
-use crate::wire::{self, IPV4_HEADER_LEN};
+use self::store::{ConnectionStore, Entry, Upsert};
+use self::wire::IPV4_HEADER_LEN;
 
 /// Free bytes a receive buffer keeps before a datagram's payload.
 pub const HEADROOM: usize = IPV4_HEADER_LEN;
@@ -212,7 +228,7 @@ impl Core {
         if wire::clamp_mss(seg, self.max_mss) {
             self.counters.add(Traffic::MssClamped, 1);
         }
-        let Some(count) = crate::tso::split_wire(seg, gso_size, hdrs) else {
+        let Some(count) = tso::split_wire(seg, gso_size, hdrs) else {
             return self.discard(Discard::Malformed);
         };
         // split_wire checked the header length.
@@ -534,7 +550,7 @@ fn upsert(
 #[allow(clippy::indexing_slicing, clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::store::Pool;
+    use crate::core::store::Pool;
     use std::collections::HashSet;
 
     const SERVER_TUN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -705,7 +721,7 @@ mod tests {
         let mut pkt = ipv4_around(CLIENT_TUN, SERVER_REAL, &seg);
 
         let mut c = client(false);
-        let mut hdrs = vec![0u8; 64 * crate::tso::MAX_TCP_HEADER];
+        let mut hdrs = vec![0u8; 64 * tso::MAX_TCP_HEADER];
         let FromTunSuper::Send { to, count, thl, payload } = c.from_tun_super(&mut pkt, gso, &mut hdrs, now).unwrap()
         else {
             panic!("no lease needed without auth")

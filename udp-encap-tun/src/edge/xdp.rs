@@ -528,7 +528,7 @@ fn attach_program(
         // datagrams and the receiving GRO has nothing to merge: measured,
         // 0.7 Gbit/s native against 3.8 generic. Generic XDP runs once per
         // train, whose datagrams share one (saddr, sport): the same verdict.
-        XdpMode::Auto if crate::netdev::driver(uplink).is_ok_and(|d| d == "veth") => {
+        XdpMode::Auto if crate::edge::netdev::driver(uplink).is_ok_and(|d| d == "veth") => {
             log::info!(
                 "{uplink} is a veth: generic XDP, because native XDP on a veth disables \
                  GSO on its peer and costs the tunnel its batching (--xdp-mode native forces it)"

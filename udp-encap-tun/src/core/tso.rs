@@ -14,8 +14,8 @@
 //! buffer of its own and minus the checksum over the addresses that the core
 //! would then move (RFC 1624) to the wire form.
 
-use crate::wire::{self, PROTO_TCP};
-use crate::wire::tcp::{CHECKSUM as TCP_CSUM, FLAG_CWR, FLAG_FIN, FLAG_PSH, FLAGS as TCP_FLAGS, SEQ as TCP_SEQ};
+use super::wire::{self, PROTO_TCP};
+use super::wire::tcp::{CHECKSUM as TCP_CSUM, FLAG_CWR, FLAG_FIN, FLAG_PSH, FLAGS as TCP_FLAGS, SEQ as TCP_SEQ};
 
 /// `struct virtio_net_hdr` without MRG_RXBUF: what precedes every read.
 pub const VNET_HDR_LEN: usize = tun_rs::VIRTIO_NET_HDR_LEN;

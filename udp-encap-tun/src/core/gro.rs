@@ -21,18 +21,18 @@
 use std::net::Ipv4Addr;
 use std::ops::Range;
 
-use crate::wire::{self, IPV4_HEADER_LEN, IPV4_MAX_LEN};
-use crate::tso::F_NEEDS_CSUM as NEEDS_CSUM;
-use crate::wire::tcp::{ACK, CHECKSUM, DATA_OFFSET, FLAG_PSH, FLAGS, SEQ, WINDOW};
+use super::wire::{self, IPV4_HEADER_LEN, IPV4_MAX_LEN};
+use super::tso::F_NEEDS_CSUM as NEEDS_CSUM;
+use super::wire::tcp::{ACK, CHECKSUM, DATA_OFFSET, FLAG_PSH, FLAGS, SEQ, WINDOW};
 
 /// Bytes of the virtio-net header that precedes a packet written to the TUN.
-pub const VNET_LEN: usize = crate::tso::VNET_HDR_LEN;
+pub const VNET_LEN: usize = super::tso::VNET_HDR_LEN;
 /// The headers the daemon writes in front of a run: virtio-net and IPv4.
 pub const RUN_HEADER_LEN: usize = VNET_LEN + IPV4_HEADER_LEN;
 
 /// The most segments a run holds: a UDP GRO train carries at most 64
 /// datagrams (UDP_GRO_CNT_MAX), and one run comes from one train.
-pub const MAX_RUN: usize = crate::batch::MAX_GSO_SEGMENTS;
+pub const MAX_RUN: usize = 64;
 
 /// FIN, SYN, RST, URG, ECE, CWR: a segment carrying any of them stands alone.
 const FLAGS_ALONE: u8 = 0x01 | 0x02 | 0x04 | 0x20 | 0x40 | 0x80;
