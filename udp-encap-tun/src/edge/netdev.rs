@@ -7,6 +7,10 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 
+use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+
 /// The interface's index, or `None` if no interface has that name here.
 pub fn ifindex(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
@@ -98,15 +102,15 @@ pub fn driver(name: &str) -> io::Result<String> {
 /// RTM_NEWLINK request with IFLA_GSO_MAX_SEGS over rtnetlink. Needs
 /// CAP_NET_ADMIN.
 pub fn set_gso_max_segs(name: &str, segs: u32) -> io::Result<()> {
-    use nix::sys::socket::{AddressFamily, NetlinkAddr, MsgFlags, SockFlag, SockProtocol, SockType, recv, sendto, socket};
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
     let index = ifindex(name).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such interface"))?;
-    let index = i32::try_from(index).map_err(|_| io::Error::other("interface index out of range"))?;
-    let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)
-        .map_err(io::Error::from)?;
-    let req = setlink_u32_request(index, libc::IFLA_GSO_MAX_SEGS, segs, 1);
-    sendto(fd.as_raw_fd(), &req, &NetlinkAddr::new(0, 0), MsgFlags::empty()).map_err(io::Error::from)?;
-    let mut reply = [0u8; 512];
-    let n = recv(fd.as_raw_fd(), &mut reply, MsgFlags::empty()).map_err(io::Error::from)?;
+    let mut sock = Socket::new(NETLINK_ROUTE)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
+    let req = setlink_request(index, LinkAttribute::GsoMaxSegs(segs));
+    sock.send(&req, 0)?;
+    let mut reply = Vec::with_capacity(4096);
+    let n = sock.recv(&mut reply, 0)?;
     match netlink_ack(reply.get(..n).unwrap_or(&[])) {
         Some(0) => Ok(()),
         Some(errno) => Err(io::Error::from_raw_os_error(errno.saturating_neg())),
@@ -114,43 +118,29 @@ pub fn set_gso_max_segs(name: &str, segs: u32) -> io::Result<()> {
     }
 }
 
-/// An rtnetlink RTM_NEWLINK request that sets one u32 attribute of the
-/// interface `index`: nlmsghdr, ifinfomsg, one attribute (40 bytes).
-fn setlink_u32_request(index: i32, attr: u16, value: u32, seq: u32) -> [u8; 40] {
-    let mut m = [0u8; 40];
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
-    let fields: [&[u8]; 12] = [
-        &40u32.to_ne_bytes(),         // nlmsg_len
-        &libc::RTM_NEWLINK.to_ne_bytes(), // nlmsg_type
-        &flags.to_ne_bytes(),         // nlmsg_flags
-        &seq.to_ne_bytes(),           // nlmsg_seq
-        &0u32.to_ne_bytes(),          // nlmsg_pid
-        &[libc::AF_UNSPEC as u8, 0],  // ifi_family, pad
-        &0u16.to_ne_bytes(),          // ifi_type
-        &index.to_ne_bytes(),         // ifi_index
-        &[0; 8],                      // ifi_flags, ifi_change
-        &8u16.to_ne_bytes(),          // nla_len
-        &attr.to_ne_bytes(),          // nla_type
-        &value.to_ne_bytes(),
-    ];
-    let mut at = 0;
-    for f in fields {
-        if let Some(dst) = m.get_mut(at..at + f.len()) {
-            dst.copy_from_slice(f);
-        }
-        at += f.len();
-    }
-    m
+/// An rtnetlink RTM_NEWLINK request that sets one attribute of the
+/// interface `index`: what `ip link set` sends (without NLM_F_CREATE the
+/// kernel changes the existing link, the path checked on Linux 6.1).
+fn setlink_request(index: u32, attr: LinkAttribute) -> Vec<u8> {
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    link.attributes = vec![attr];
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::NewLink(link)));
+    msg.finalize();
+    let mut buf = vec![0; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    buf
 }
 
 /// The error field of an rtnetlink acknowledgement (NLMSG_ERROR: 0 for
 /// success, a negative errno otherwise), or `None` if `reply` is not one.
 fn netlink_ack(reply: &[u8]) -> Option<i32> {
-    let ty = u16::from_ne_bytes(reply.get(4..6)?.try_into().ok()?);
-    if ty != libc::NLMSG_ERROR as u16 {
-        return None;
+    match NetlinkMessage::<RouteNetlinkMessage>::deserialize(reply).ok()?.payload {
+        NetlinkPayload::Error(e) => Some(e.raw_code()),
+        _ => None,
     }
-    Some(i32::from_ne_bytes(reply.get(16..20)?.try_into().ok()?))
 }
 
 /// The interface's IPv4 addresses with their prefix lengths, in the order
@@ -205,20 +195,24 @@ mod tests {
 
     #[test]
     fn setlink_request_layout() {
-        let m = setlink_u32_request(7, libc::IFLA_GSO_MAX_SEGS, 47, 9);
+        // What `ip link set dev X gso_max_segs 47` sends (strace): nlmsghdr,
+        // ifinfomsg for index 7, one IFLA_GSO_MAX_SEGS attribute.
+        let m = setlink_request(7, LinkAttribute::GsoMaxSegs(47));
         let u32_at = |i: usize| u32::from_ne_bytes(m[i..i + 4].try_into().unwrap());
         let u16_at = |i: usize| u16::from_ne_bytes(m[i..i + 2].try_into().unwrap());
+        assert_eq!(m.len(), 40);
         assert_eq!(u32_at(0), 40);
         assert_eq!(u16_at(4), libc::RTM_NEWLINK);
         assert_eq!(u16_at(6), (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16);
-        assert_eq!(u32_at(8), 9);
         assert_eq!(u32_at(20), 7); // ifi_index
-        assert_eq!((u16_at(32), u16_at(34), u32_at(36)), (8, 40, 47));
+        assert_eq!((u16_at(32), u16_at(34), u32_at(36)), (8, libc::IFLA_GSO_MAX_SEGS, 47));
     }
 
     #[test]
     fn netlink_ack_parsing() {
+        // An NLMSG_ERROR of 36 bytes: header, error code, the request's header.
         let mut ack = [0u8; 36];
+        ack[0..4].copy_from_slice(&36u32.to_ne_bytes());
         ack[4..6].copy_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());
         assert_eq!(netlink_ack(&ack), Some(0));
         ack[16..20].copy_from_slice(&(-libc::EPERM).to_ne_bytes());
