@@ -2,7 +2,8 @@
 //! names and mandatory rules; the rest fill the gaps the design left
 //! (README, "Options").
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -141,6 +142,39 @@ pub struct RunArgs {
     /// server closes connections that take longer.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub auth_timeout: Duration,
+
+    /// Client: send a keepalive to each server after this long without
+    /// hearing from it (it keeps NAT mappings open while connections idle,
+    /// notices a NAT that rebound, and refreshes the lease without a new TLS
+    /// handshake); `0` turns keepalives off (leases are then renewed by
+    /// authentication while traffic flows, and lapse when idle).
+    #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = parse_duration_or_zero)]
+    pub keepalive: Duration,
+
+    /// Where the sessions are kept across restarts (one file per instance,
+    /// named like the XDP pins: network namespace, uplink, port; mode 0600).
+    /// A restarted server resumes its sessions with the same generated
+    /// addresses; a restarted client resumes its sessions at once.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/udp-encap-tun")]
+    pub state_dir: PathBuf,
+
+    /// Server: the most sessions (entries) one credential may hold at once,
+    /// enough for one per uplink of a multi-WAN client. A new one past it is
+    /// refused (counted under discard_client_limit).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_entries_per_client: u32,
+
+    /// Client: reach the server SERVER4 (the IPv4 address routed into the
+    /// TUN) at the IPv6 address SERVER6 instead (an IPv6-only uplink to a
+    /// dual-stack server). Repeatable.
+    #[arg(long, value_name = "SERVER4=SERVER6", value_parser = parse_endpoint_v6)]
+    pub endpoint_v6: Vec<(Ipv4Addr, Ipv6Addr)>,
+
+    /// Client: reach every other server through this NAT64 prefix (RFC
+    /// 6052, a /96: the server's IPv4 address in its last 32 bits), e.g. a
+    /// carrier's `64:ff9b::/96`.
+    #[arg(long, value_name = "PREFIX/96", value_parser = parse_nat64_prefix)]
+    pub nat64_prefix: Option<Ipv6Addr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -185,6 +219,42 @@ pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
     Ok(Cidr { addr, prefix })
 }
 
+/// `SERVER4=SERVER6`, e.g. `192.0.2.1=2001:db8::1`.
+pub fn parse_endpoint_v6(s: &str) -> Result<(Ipv4Addr, Ipv6Addr), String> {
+    let (a, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not SERVER4=SERVER6, e.g. 192.0.2.1=2001:db8::1"))?;
+    let v4 = a.trim().parse().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
+    let v6 = b.trim().trim_start_matches('[').trim_end_matches(']');
+    let v6 = v6.parse().map_err(|_| format!("`{b}` is not an IPv6 address"))?;
+    Ok((v4, v6))
+}
+
+/// A NAT64 prefix `PREFIX/96` (RFC 6052 section 2.2: only /96 is taken, the
+/// form every NAT64 uses for a whole IPv4 address in the last 32 bits).
+pub fn parse_nat64_prefix(s: &str) -> Result<Ipv6Addr, String> {
+    let (a, p) = s
+        .split_once('/')
+        .ok_or_else(|| format!("`{s}` is not a prefix: write it as PREFIX/96, e.g. 64:ff9b::/96"))?;
+    if p != "96" {
+        return Err(format!("`/{p}`: only /96 NAT64 prefixes are supported (the IPv4 address in the last 32 bits)"));
+    }
+    let a: Ipv6Addr = a.parse().map_err(|_| format!("`{a}` is not an IPv6 address"))?;
+    let [.., s6, s7] = a.segments();
+    if s6 != 0 || s7 != 0 {
+        return Err(format!("`{s}` has bits set past /96"));
+    }
+    Ok(a)
+}
+
+/// A duration as [`parse_duration`], or `0` for "off".
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim().trim_end_matches(['m', 's']).trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, scale_ms) = if let Some(n) = s.strip_suffix("ms") {
@@ -210,6 +280,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -222,6 +293,30 @@ mod tests {
         assert!(parse_duration("0").is_err());
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn ipv6_endpoints_and_keepalive() {
+        let v4: Ipv4Addr = "192.0.2.1".parse().unwrap();
+        let v6: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert_eq!(parse_endpoint_v6("192.0.2.1=2001:db8::1"), Ok((v4, v6)));
+        assert_eq!(parse_endpoint_v6("192.0.2.1=[2001:db8::1]"), Ok((v4, v6)));
+        assert!(parse_endpoint_v6("192.0.2.1").is_err());
+        assert!(parse_endpoint_v6("2001:db8::1=192.0.2.1").is_err());
+        assert_eq!(parse_nat64_prefix("64:ff9b::/96"), Ok("64:ff9b::".parse().unwrap()));
+        assert!(parse_nat64_prefix("64:ff9b::/64").is_err());
+        assert!(parse_nat64_prefix("64:ff9b::1:2/96").is_err());
+        assert!(parse_nat64_prefix("64:ff9b::").is_err());
+        assert_eq!(parse_duration_or_zero("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("4s"), Ok(Duration::from_secs(4)));
+        let run = Cli::try_parse_from(["udp-encap-tun", "--interface", "t", "--listen-port", "1", "--bind-to-interface", "e"])
+            .unwrap()
+            .run
+            .unwrap();
+        assert_eq!(run.keepalive, Duration::from_secs(25));
+        assert_eq!(run.max_entries_per_client, 8);
+        assert_eq!(run.state_dir, PathBuf::from("/var/lib/udp-encap-tun"));
     }
 
     #[test]

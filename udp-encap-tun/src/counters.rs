@@ -34,10 +34,20 @@ pub enum Discard {
     AuthQueue,
     /// The kernel refused a write or send (buffer full, no route, ...).
     IoError,
+    /// A control datagram refused: unknown session, wrong tag, a counter
+    /// already seen (a copy or a replay), a response to no challenge, or a
+    /// path proof abandoned because the session's path was heard meanwhile.
+    Control,
+    /// Server: a client refused a new session because it holds
+    /// `--max-entries-per-client` already.
+    ClientLimit,
+    /// Client: a packet for a server we could not start authenticating with
+    /// (too many authentications at once, or too many servers tracked).
+    AuthBusy,
 }
 
 impl Discard {
-    pub const ALL: [Discard; 9] = [
+    pub const ALL: [Discard; 12] = [
         Discard::NotTcp,
         Discard::IpOptions,
         Discard::NoEntry,
@@ -47,6 +57,9 @@ impl Discard {
         Discard::AuthFailure,
         Discard::AuthQueue,
         Discard::IoError,
+        Discard::Control,
+        Discard::ClientLimit,
+        Discard::AuthBusy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +73,9 @@ impl Discard {
             Discard::AuthFailure => "auth_failure",
             Discard::AuthQueue => "auth_queue",
             Discard::IoError => "io_error",
+            Discard::Control => "control",
+            Discard::ClientLimit => "client_limit",
+            Discard::AuthBusy => "auth_busy",
         }
     }
 }
@@ -85,10 +101,22 @@ pub enum Traffic {
     TunWrites,
     UdpSendCalls,
     UdpRecvCalls,
+    /// Client: keepalives sent (each a proof of the session).
+    KeepalivesSent,
+    /// Server: keepalives (and path responses) answered; client: answers
+    /// received to its keepalives.
+    KeepalivesAnswered,
+    /// Server: challenges sent to a path a session's keepalive came from.
+    Challenges,
+    /// Server: sessions moved to a new path (NAT rebinding, a new address).
+    Migrations,
+    /// Sessions taken back from the state directory at start, and (server)
+    /// taken over by a client's re-authentication.
+    SessionsResumed,
 }
 
 impl Traffic {
-    pub const ALL: [Traffic; 15] = [
+    pub const ALL: [Traffic; 20] = [
         Traffic::TunRxPackets,
         Traffic::TunRxBytes,
         Traffic::UdpTxPackets,
@@ -104,6 +132,11 @@ impl Traffic {
         Traffic::TunWrites,
         Traffic::UdpSendCalls,
         Traffic::UdpRecvCalls,
+        Traffic::KeepalivesSent,
+        Traffic::KeepalivesAnswered,
+        Traffic::Challenges,
+        Traffic::Migrations,
+        Traffic::SessionsResumed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -123,6 +156,11 @@ impl Traffic {
             Traffic::TunWrites => "tun_writes",
             Traffic::UdpSendCalls => "udp_send_calls",
             Traffic::UdpRecvCalls => "udp_recv_calls",
+            Traffic::KeepalivesSent => "keepalives_sent",
+            Traffic::KeepalivesAnswered => "keepalives_answered",
+            Traffic::Challenges => "challenges",
+            Traffic::Migrations => "migrations",
+            Traffic::SessionsResumed => "sessions_resumed",
         }
     }
 }
@@ -193,6 +231,7 @@ mod tests {
         let snap = c.snapshot();
         assert!(snap.contains(&("discard_not_tcp".to_string(), 1)));
         assert!(snap.contains(&("discard_io_error".to_string(), 9)));
+        assert!(snap.contains(&("discard_auth_busy".to_string(), 12)));
         assert_eq!(snap.len(), Discard::ALL.len() + Traffic::ALL.len());
     }
 }

@@ -19,7 +19,7 @@
 //! too. SO_REUSEADDR lets bind() take the port even while a previous socket
 //! of ours on it is still being torn down.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,8 @@ use super::credentials::{ClientCredential, load_certs};
 use super::protocol::{ALPN, Hello, ProtoError, Reply};
 use super::verifier::{PinMismatch, PinnedServerCert};
 use super::{AuthError, AuthStats, Lease, Refused};
+use crate::core::session::wire::{EXPORTER_LABEL, EXPORTER_LEN};
+use crate::core::session::{KeyBytes, SessionId};
 
 /// How the client checks the server.
 #[derive(Debug, Clone)]
@@ -109,7 +111,8 @@ pub struct AuthClient {
     local: SocketAddrV4,
     uplink: Option<String>,
     endpoint_port: u16,
-    hello: Vec<u8>,
+    id: String,
+    secret: [u8; super::protocol::SECRET_LEN],
     server_name: Option<ServerName<'static>>,
     timeout: Duration,
     stats: Arc<AuthStats>,
@@ -190,9 +193,11 @@ impl AuthClient {
         };
         tls.alpn_protocols = vec![ALPN.to_vec()];
         tls.resumption = rustls::client::Resumption::disabled();
-        let hello = Hello {
+        // Checked once here, so that a bad id fails at start-up.
+        Hello {
             id: cfg.credential.id.clone(),
             secret: cfg.credential.secret,
+            resume: None,
         }
         .encode()
         .map_err(|e| AuthError::Config(format!("credential of `{}`: {e}", cfg.credential.id)))?;
@@ -201,7 +206,8 @@ impl AuthClient {
             local,
             uplink: uplink.map(str::to_string),
             endpoint_port,
-            hello,
+            id: cfg.credential.id.clone(),
+            secret: cfg.credential.secret,
             server_name,
             timeout: cfg.timeout,
             stats: Arc::new(AuthStats::default()),
@@ -218,8 +224,13 @@ impl AuthClient {
         self.stats.clone()
     }
 
-    fn socket(&self) -> Result<TcpSocket, AuthError> {
+    /// A socket from our `--listen-port` in the family of `dest`.
+    fn socket(&self, dest: SocketAddr) -> Result<TcpSocket, AuthError> {
         let port = self.local.port();
+        let local = match dest {
+            SocketAddr::V4(_) => SocketAddr::V4(self.local),
+            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+        };
         let err = |what: String, hint: &str| {
             let hint = if hint.is_empty() {
                 String::new()
@@ -228,7 +239,11 @@ impl AuthClient {
             };
             move |source| AuthError::Socket { what, source, hint }
         };
-        let s = TcpSocket::new_v4().map_err(err("create the authentication socket".into(), ""))?;
+        let s = match dest {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(err("create the authentication socket".into(), ""))?;
         s.set_reuseaddr(true)
             .map_err(err("set SO_REUSEADDR".into(), ""))?;
         // See the module comment: no TIME_WAIT on the client, ever.
@@ -250,7 +265,7 @@ impl AuthClient {
                 )(e)
             })?;
         }
-        s.bind(self.local.into()).map_err(|e| {
+        s.bind(local).map_err(|e| {
             let hint = match e.raw_os_error() {
                 Some(libc::EADDRINUSE) => {
                     "another program listens on that TCP port, or an authentication to the same server is already under way"
@@ -269,8 +284,14 @@ impl AuthClient {
     /// Keep at most one call per server in flight: two would share the same
     /// 4-tuple and the second would fail to connect.
     pub async fn authenticate(&self, server: Ipv4Addr) -> Result<Lease, AuthError> {
-        let dest = SocketAddrV4::new(server, self.endpoint_port);
-        let result = match tokio::time::timeout(self.timeout, self.exchange(server, dest)).await {
+        self.authenticate_at(SocketAddr::from((server, self.endpoint_port)), None).await
+    }
+
+    /// One authentication at `dest` (the server's address on the path the
+    /// datagrams take: IPv4, or IPv6 with `--endpoint-v6`/`--nat64-prefix`),
+    /// naming the session `resume` we held before.
+    pub async fn authenticate_at(&self, dest: SocketAddr, resume: Option<SessionId>) -> Result<Lease, AuthError> {
+        let result = match tokio::time::timeout(self.timeout, self.exchange(dest, resume)).await {
             Ok(r) => r,
             Err(_) => Err(AuthError::Timeout {
                 server: dest,
@@ -279,9 +300,9 @@ impl AuthClient {
         };
         let s = &self.stats;
         AuthStats::bump(match &result {
-            Ok(Reply::Granted { .. }) => &s.granted,
-            Ok(Reply::Refused(Refused::BadCredential)) => &s.bad_credential,
-            Ok(Reply::Refused(_)) => &s.refused,
+            Ok((Reply::Granted { .. }, _)) => &s.granted,
+            Ok((Reply::Refused(Refused::BadCredential), _)) => &s.bad_credential,
+            Ok((Reply::Refused(_), _)) => &s.refused,
             Ok(_) | Err(AuthError::Protocol { .. }) => &s.garbage,
             Err(AuthError::Timeout { .. }) => &s.timeout,
             Err(AuthError::Connect { .. }) => &s.connect_error,
@@ -289,10 +310,23 @@ impl AuthClient {
             Err(_) => &s.tls_error,
         });
         match result? {
-            Reply::Granted { lease, addr } => Ok(Lease {
+            (Reply::Granted { lease, addr, session, bound }, Some(keys)) => Ok(Lease {
                 duration: lease,
                 addr,
+                session,
+                keys,
+                bound,
             }),
+            (Reply::Granted { .. }, None) => Err(AuthError::Config(format!(
+                "{dest} granted a session but the TLS exporter gave no keys for it"
+            ))),
+            (reply, _) => Self::refusal(dest, reply),
+        }
+    }
+
+    fn refusal(dest: SocketAddr, reply: Reply) -> Result<Lease, AuthError> {
+        match reply {
+            Reply::Granted { .. } => Err(AuthError::Config(format!("{dest}: a grant without keys"))),
             Reply::Refused(reason) => Err(AuthError::Refused {
                 server: dest,
                 reason,
@@ -307,10 +341,11 @@ impl AuthClient {
         }
     }
 
-    async fn exchange(&self, server: Ipv4Addr, dest: SocketAddrV4) -> Result<Reply, AuthError> {
+    /// The exchange, and on a grant the session's keys from the exporter.
+    async fn exchange(&self, dest: SocketAddr, resume: Option<SessionId>) -> Result<(Reply, Option<KeyBytes>), AuthError> {
         let stream = self
-            .socket()?
-            .connect(dest.into())
+            .socket(dest)?
+            .connect(dest)
             .await
             .map_err(|source| AuthError::Connect {
                 server: dest,
@@ -320,7 +355,7 @@ impl AuthClient {
         let name = self
             .server_name
             .clone()
-            .unwrap_or(ServerName::IpAddress(IpAddr::V4(server).into()));
+            .unwrap_or(ServerName::IpAddress(dest.ip().into()));
         let tls_err = |source: std::io::Error| {
             if let Some(m) = pin_mismatch(&source) {
                 return AuthError::PinMismatch {
@@ -348,7 +383,10 @@ impl AuthClient {
             .connect(name, stream)
             .await
             .map_err(tls_err)?;
-        tls.write_all(&self.hello).await.map_err(tls_err)?;
+        let hello = Hello { id: self.id.clone(), secret: self.secret, resume }
+            .encode()
+            .map_err(|e| AuthError::Config(format!("credential of `{}`: {e}", self.id)))?;
+        tls.write_all(&hello).await.map_err(tls_err)?;
         tls.flush().await.map_err(tls_err)?;
         let reply = Reply::read(&mut tls).await.map_err(|e| match e {
             ProtoError::Truncated { got: 0, .. } => AuthError::ClosedByServer { server: dest },
@@ -357,8 +395,18 @@ impl AuthClient {
                 source,
             },
         })?;
+        let keys = match &reply {
+            Reply::Granted { session, .. } => {
+                tls.get_ref()
+                    .1
+                    .export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, Some(&session.0))
+                    .ok()
+                    .map(|out| KeyBytes::from_exporter(&out))
+            }
+            _ => None,
+        };
         // Dropping `tls` closes the socket: with linger 0, a RST.
-        Ok(reply)
+        Ok((reply, keys))
     }
 }
 

@@ -1,9 +1,12 @@
 //! Authentication (SPEC "Version 2", decisions 1-3).
 //!
 //! The server listens on TCP `--listen-port` (bound to the uplink); a client
-//! connects *from* its own `--listen-port` (its UDP source port too), so the
-//! (address, port) the server sees on the TCP connection is the peer the
-//! daemon creates the `connection_store` entry for.
+//! connects *from* its own `--listen-port` (its UDP source port too). A
+//! successful authentication ends in a *session* (SPEC decision 11): an id
+//! the server picks and two keys both sides take from the TLS exporter. The
+//! session's UDP path is learned afterwards from the client's datagrams
+//! ([`crate::core::session`]), not from the TCP connection, so NATs that map
+//! TCP and UDP apart work.
 //!
 //! - [`protocol`]: the bytes exchanged inside TLS (one hello, one reply).
 //! - [`credentials`]: the files (client list, client credential, server
@@ -24,7 +27,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod verifier;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -37,17 +40,23 @@ pub use ratelimit::RateLimitConfig;
 pub use server::{AuthServer, AuthServerHandle, ServerAuthConfig};
 
 use crate::cli::RunArgs;
+use crate::core::session::{KeyBytes, SessionId};
 
 /// Server side: the auth task asks the daemon to create or refresh the entry
 /// of `peer`; the daemon answers on `reply`. A dropped `reply` sender is taken
 /// as [`Refused::Unavailable`].
 #[derive(Debug)]
 pub struct AuthRequest {
-    /// The TCP peer: the client's address and `--listen-port` (= its UDP port).
-    pub peer: SocketAddrV4,
+    /// The TCP peer (the seed of the generated address; not the UDP path).
+    pub peer: SocketAddr,
     /// The id from the client's credential (for logs, and so the daemon can
     /// drop the entries of a client that a reload revoked).
     pub client_id: String,
+    /// The new session: its id and the keys the TLS exporter gave for it.
+    pub session: SessionId,
+    pub keys: KeyBytes,
+    /// The session the client held before, if it names one.
+    pub resume: Option<SessionId>,
     pub reply: tokio::sync::oneshot::Sender<Result<Granted, Refused>>,
 }
 
@@ -56,9 +65,12 @@ pub struct AuthRequest {
 pub struct Granted {
     /// The generated address of the peer's entry.
     pub addr: Ipv4Addr,
-    /// How long the entry lives from now without a new authentication
-    /// (`--entry-timeout`).
+    /// How long the entry lives from now without a new authentication or
+    /// proof of the session (`--entry-timeout`).
     pub lease: Duration,
+    /// The session already has its UDP path (the client's earlier session,
+    /// taken over).
+    pub bound: bool,
 }
 
 /// Why the server said no. The codes on the wire are in [`protocol`].
@@ -71,6 +83,8 @@ pub enum Refused {
     PoolFull,
     /// The daemon could not answer (shutting down, overloaded).
     Unavailable,
+    /// The client holds `--max-entries-per-client` sessions already.
+    ClientLimit,
 }
 
 impl std::fmt::Display for Refused {
@@ -84,16 +98,24 @@ impl std::fmt::Display for Refused {
                 "the server's address pool is full; try again later or ask its operator to enlarge --pool"
             }
             Refused::Unavailable => "the server could not answer right now; it will be tried again",
+            Refused::ClientLimit => {
+                "this credential holds as many sessions as the server allows (--max-entries-per-client); \
+                 stop another instance using it, or wait for its sessions to lapse"
+            }
         })
     }
 }
 
 /// What the client got: the entry lives `duration` after the server answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub duration: Duration,
     /// The address the server gave us (for logs).
     pub addr: Ipv4Addr,
+    pub session: SessionId,
+    pub keys: KeyBytes,
+    /// The server kept our earlier session's UDP path.
+    pub bound: bool,
 }
 
 /// Where "now" comes from: the real clock in the daemon, a hand-moved one in
@@ -203,7 +225,7 @@ pub enum AuthError {
         "cannot connect to {server} for authentication: {source} (is the server running and reachable through the uplink?)"
     )]
     Connect {
-        server: SocketAddrV4,
+        server: SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -211,36 +233,36 @@ pub enum AuthError {
         "{server} closed the authentication connection before answering: it refuses this address \
          for a while after failed attempts, or has too many connections; see the server's log"
     )]
-    ClosedByServer { server: SocketAddrV4 },
+    ClosedByServer { server: SocketAddr },
     #[error(
         "{server} is not the server the credential names: its certificate is {got}, the \
          credential pins {expected}; check the server address, or the server's certificate was \
          remade (put its new pin in the credential), or someone is in between"
     )]
     PinMismatch {
-        server: SocketAddrV4,
+        server: SocketAddr,
         expected: String,
         got: String,
     },
     #[error("TLS with {server} failed: {source}")]
     Tls {
-        server: SocketAddrV4,
+        server: SocketAddr,
         #[source]
         source: std::io::Error,
     },
     #[error("{server} did not finish authentication within {after:?}")]
     Timeout {
-        server: SocketAddrV4,
+        server: SocketAddr,
         after: Duration,
     },
     #[error("{server} refused authentication: {reason}")]
     Refused {
-        server: SocketAddrV4,
+        server: SocketAddr,
         reason: Refused,
     },
     #[error("{server} sent an invalid answer: {source}")]
     Protocol {
-        server: SocketAddrV4,
+        server: SocketAddr,
         #[source]
         source: protocol::ProtoError,
     },

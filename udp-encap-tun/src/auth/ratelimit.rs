@@ -5,6 +5,8 @@
 //! `now` is an argument: the caller owns the clock (tests inject one).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+#[cfg(test)]
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -44,7 +46,7 @@ struct Bucket {
 #[derive(Debug)]
 pub struct RateLimiter {
     cfg: RateLimitConfig,
-    sources: HashMap<Ipv4Addr, Bucket>,
+    sources: HashMap<IpAddr, Bucket>,
 }
 
 impl RateLimiter {
@@ -77,7 +79,8 @@ impl RateLimiter {
     }
 
     /// May `ip` try (again)? Does not take a token.
-    pub fn allowed(&mut self, ip: Ipv4Addr, now: Instant) -> bool {
+    pub fn allowed(&mut self, ip: impl Into<IpAddr>, now: Instant) -> bool {
+        let ip = ip.into();
         let cfg = self.cfg;
         match self.sources.get_mut(&ip) {
             None => true,
@@ -89,7 +92,8 @@ impl RateLimiter {
     }
 
     /// Records one failed attempt from `ip`.
-    pub fn failure(&mut self, ip: Ipv4Addr, now: Instant) {
+    pub fn failure(&mut self, ip: impl Into<IpAddr>, now: Instant) {
+        let ip = ip.into();
         let cfg = self.cfg;
         if !self.sources.contains_key(&ip) && self.sources.len() >= cfg.max_sources {
             self.make_room(now);

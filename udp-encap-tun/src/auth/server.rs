@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +31,8 @@ use super::credentials::{ClientList, Verdict, load_certs, load_key};
 use super::protocol::{ALPN, Hello, ProtoError, Reply};
 use super::ratelimit::{RateLimitConfig, RateLimiter};
 use super::{AuthError, AuthRequest, AuthStats, Clock, Granted, Refused, SystemClock};
+use crate::core::session::wire::{EXPORTER_LABEL, EXPORTER_LEN};
+use crate::core::session::{KeyBytes, SessionId};
 use crate::counters::{Counters, Discard};
 
 #[derive(Debug, Clone)]
@@ -116,7 +118,7 @@ struct Shared {
     clients_path: PathBuf,
     clients: Mutex<ClientsState>,
     limiter: Mutex<RateLimiter>,
-    per_source: Mutex<HashMap<Ipv4Addr, usize>>,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
     permits: Arc<Semaphore>,
     stats: Arc<AuthStats>,
     counters: Arc<Counters>,
@@ -158,9 +160,10 @@ fn socket_err(what: String, hint: &str) -> impl FnOnce(io::Error) -> AuthError +
 }
 
 impl AuthServer {
-    /// Listens on `0.0.0.0:listen_port`, bound to `uplink` (SO_BINDTODEVICE).
-    /// Synchronous so a port in use, a missing interface, an unreadable
-    /// certificate or client list stop the daemon at start-up.
+    /// Listens on `[::]:listen_port` (IPv4 and IPv6 clients alike; IPv4
+    /// alone where the host has no IPv6), bound to `uplink`
+    /// (SO_BINDTODEVICE). Synchronous so a port in use, a missing interface,
+    /// an unreadable certificate or client list stop the daemon at start-up.
     pub fn bind(
         listen_port: u16,
         uplink: &str,
@@ -168,7 +171,7 @@ impl AuthServer {
         counters: Arc<Counters>,
     ) -> Result<AuthServer, AuthError> {
         Self::bind_with(
-            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, listen_port),
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, listen_port)),
             Some(uplink),
             cfg,
             counters,
@@ -179,7 +182,7 @@ impl AuthServer {
     /// [`AuthServer::bind`] with the address, the device binding (`None`:
     /// none, for tests on loopback) and the clock chosen by the caller.
     pub fn bind_with(
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         uplink: Option<&str>,
         cfg: ServerAuthConfig,
         counters: Arc<Counters>,
@@ -262,15 +265,16 @@ impl AuthServer {
                     continue;
                 }
             };
-            let SocketAddr::V4(peer) = peer else { continue };
-            if !lock(&shared.limiter).allowed(*peer.ip(), shared.clock.now()) {
+            // An IPv4 client of the dual-stack socket arrives IPv4-mapped.
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            if !lock(&shared.limiter).allowed(peer.ip(), shared.clock.now()) {
                 log::debug!(
                     "authentication from {peer} refused: rate limited after failed attempts"
                 );
                 refuse_now(&shared, &stream, &shared.stats.rate_limited);
                 continue;
             }
-            let Some(slot) = SourceSlot::acquire(&shared, *peer.ip()) else {
+            let Some(slot) = SourceSlot::acquire(&shared, peer.ip()) else {
                 log::debug!(
                     "authentication from {peer} refused: too many connections from that address"
                 );
@@ -319,6 +323,11 @@ impl AuthServerHandle {
     pub fn is_known_client(&self, id: &str) -> bool {
         lock(&self.shared.clients).list.contains(id)
     }
+
+    /// The client list in force now (one lock for many lookups).
+    pub fn clients(&self) -> Arc<ClientList> {
+        lock(&self.shared.clients).list.clone()
+    }
 }
 
 fn tls_config(cfg: &ServerAuthConfig) -> Result<ServerConfig, AuthError> {
@@ -341,10 +350,20 @@ fn tls_config(cfg: &ServerAuthConfig) -> Result<ServerConfig, AuthError> {
     Ok(tls)
 }
 
-fn listen(addr: SocketAddrV4, uplink: Option<&str>) -> Result<std::net::TcpListener, AuthError> {
+fn listen(addr: SocketAddr, uplink: Option<&str>) -> Result<std::net::TcpListener, AuthError> {
     let port = addr.port();
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
-        .map_err(socket_err("create the authentication socket".into(), ""))?;
+    // `[::]` serves both families; a host without IPv6 gets `0.0.0.0`.
+    let (sock, addr) = match Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)) {
+        Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
+            (Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)), v4)
+        }
+        other => (other, addr),
+    };
+    let sock = sock.map_err(socket_err("create the authentication socket".into(), ""))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false).map_err(socket_err("accept IPv4 on the IPv6 authentication socket".into(), ""))?;
+    }
     // Restart while connections of the previous run sit in TIME_WAIT.
     sock.set_reuse_address(true).map_err(socket_err(
         "set SO_REUSEADDR on the authentication socket".into(),
@@ -363,7 +382,7 @@ fn listen(addr: SocketAddrV4, uplink: Option<&str>) -> Result<std::net::TcpListe
             )(e)
         })?;
     }
-    sock.bind(&SocketAddr::V4(addr).into()).map_err(|e| {
+    sock.bind(&addr.into()).map_err(|e| {
         let hint = match e.raw_os_error() {
             Some(libc::EADDRINUSE) => {
                 "another program (another udp-encap-tun?) listens on it: `ss -ltnp`"
@@ -398,11 +417,11 @@ fn refuse_now(shared: &Shared, stream: &TcpStream, stat: &std::sync::atomic::Ato
 /// One of `max_per_source` slots of a source address, released on drop.
 struct SourceSlot {
     shared: Arc<Shared>,
-    ip: Ipv4Addr,
+    ip: IpAddr,
 }
 
 impl SourceSlot {
-    fn acquire(shared: &Arc<Shared>, ip: Ipv4Addr) -> Option<SourceSlot> {
+    fn acquire(shared: &Arc<Shared>, ip: IpAddr) -> Option<SourceSlot> {
         let mut m = lock(&shared.per_source);
         let n = m.entry(ip).or_insert(0);
         if *n >= shared.max_per_source {
@@ -439,7 +458,7 @@ enum Failure {
 }
 
 impl Shared {
-    fn fail(&self, peer: SocketAddrV4, f: Failure) {
+    fn fail(&self, peer: SocketAddr, f: Failure) {
         let s = &self.stats;
         match &f {
             Failure::BadCredential { id, unknown: true } => {
@@ -473,7 +492,7 @@ impl Shared {
             }
         }
         self.counters.discard(Discard::AuthFailure);
-        lock(&self.limiter).failure(*peer.ip(), self.clock.now());
+        lock(&self.limiter).failure(peer.ip(), self.clock.now());
     }
 
     fn reload(&self) -> Result<usize, AuthError> {
@@ -570,7 +589,7 @@ fn classify_handshake(e: &io::Error) -> Failure {
 async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
-    peer: SocketAddrV4,
+    peer: SocketAddr,
     requests: mpsc::Sender<AuthRequest>,
     _permit: OwnedSemaphorePermit,
     _slot: SourceSlot,
@@ -607,7 +626,10 @@ async fn serve(
 
     // Phase 2: the credential, then the daemon.
     let reply = match shared.check(&hello) {
-        Verdict::Valid => ask_daemon(&shared, &requests, peer, &hello.id).await,
+        Verdict::Valid => match new_session(&tls) {
+            Some((session, keys)) => ask_daemon(&shared, &requests, peer, &hello, session, keys).await,
+            None => Reply::Refused(Refused::Unavailable),
+        },
         v => {
             shared.fail(
                 peer,
@@ -625,16 +647,36 @@ async fn serve(
     let _ = tokio::time::timeout(deadline, send_reply(&mut tls, &reply)).await;
 }
 
+/// A session id (random, never zero) and its keys from the TLS exporter,
+/// with the id as context: the client derives the same keys once it reads
+/// the id in the reply. `None` only if the system's random source fails.
+fn new_session(tls: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<(SessionId, KeyBytes)> {
+    use ring::rand::SecureRandom;
+    let rng = ring::rand::SystemRandom::new();
+    let mut id = SessionId([0; 8]);
+    while id.is_zero() {
+        rng.fill(&mut id.0).ok()?;
+    }
+    let out = tls.get_ref().1.export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, Some(&id.0)).ok()?;
+    Some((id, KeyBytes::from_exporter(&out)))
+}
+
 async fn ask_daemon(
     shared: &Shared,
     requests: &mpsc::Sender<AuthRequest>,
-    peer: SocketAddrV4,
-    id: &str,
+    peer: SocketAddr,
+    hello: &Hello,
+    session: SessionId,
+    keys: KeyBytes,
 ) -> Reply {
+    let id = hello.id.as_str();
     let (tx, rx) = oneshot::channel();
     let req = AuthRequest {
         peer,
         client_id: id.to_string(),
+        session,
+        keys,
+        resume: hello.resume,
         reply: tx,
     };
     let answer = tokio::time::timeout(shared.timeout, async {
@@ -644,10 +686,13 @@ async fn ask_daemon(
     .await
     .unwrap_or(Err(Refused::Unavailable));
     match answer {
-        Ok(Granted { addr, lease }) => {
+        Ok(Granted { addr, lease, bound }) => {
             AuthStats::bump(&shared.stats.granted);
-            log::info!("client `{id}` at {peer} authenticated: address {addr}, lease {lease:?}");
-            Reply::Granted { lease, addr }
+            log::info!(
+                "client `{id}` at {peer} authenticated: session {session}, address {addr}, lease {lease:?}{}",
+                if bound { ", its earlier session resumed" } else { "" }
+            );
+            Reply::Granted { lease, addr, session, bound }
         }
         Err(r) => {
             AuthStats::bump(&shared.stats.refused);

@@ -72,11 +72,21 @@ enum Daemon {
     PoolFull,
 }
 
+/// What the fake daemon saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    peer: SocketAddrV4,
+    id: String,
+    session: crate::core::session::SessionId,
+    keys: crate::core::session::KeyBytes,
+    resume: Option<crate::core::session::SessionId>,
+}
+
 struct TestServer {
     addr: SocketAddrV4,
     handle: AuthServerHandle,
     task: JoinHandle<()>,
-    seen: Arc<Mutex<Vec<(SocketAddrV4, String)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
     counters: Arc<Counters>,
     clock: Arc<ManualClock>,
 }
@@ -89,6 +99,9 @@ impl TestServer {
         self.counters.discards(Discard::AuthFailure)
     }
     fn seen(&self) -> Vec<(SocketAddrV4, String)> {
+        self.seen.lock().expect("seen").iter().map(|s| (s.peer, s.id.clone())).collect()
+    }
+    fn requests(&self) -> Vec<Seen> {
         self.seen.lock().expect("seen").clone()
     }
     async fn stop(self) {
@@ -110,7 +123,7 @@ fn start_server(cfg: ServerAuthConfig, port: u16, daemon: Daemon) -> TestServer 
     let counters = Arc::new(Counters::default());
     let clock = Arc::new(ManualClock(Mutex::new(Instant::now())));
     let srv = AuthServer::bind_with(
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+        std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         None,
         cfg,
         counters.clone(),
@@ -126,14 +139,19 @@ fn start_server(cfg: ServerAuthConfig, port: u16, daemon: Daemon) -> TestServer 
     let seen2 = seen.clone();
     tokio::spawn(async move {
         while let Some(req) = rx.recv().await {
-            seen2
-                .lock()
-                .expect("seen")
-                .push((req.peer, req.client_id.clone()));
+            let std::net::SocketAddr::V4(peer) = req.peer else { panic!("an IPv4 client") };
+            seen2.lock().expect("seen").push(Seen {
+                peer,
+                id: req.client_id.clone(),
+                session: req.session,
+                keys: req.keys.clone(),
+                resume: req.resume,
+            });
             let _ = req.reply.send(match daemon {
                 Daemon::Grant => Ok(Granted {
                     addr: GIVEN,
                     lease: LEASE,
+                    bound: false,
                 }),
                 Daemon::PoolFull => Err(Refused::PoolFull),
             });
@@ -225,14 +243,25 @@ async fn good_credential_is_granted() {
         .authenticate(Ipv4Addr::LOCALHOST)
         .await
         .expect("granted");
-    assert_eq!(
-        lease,
-        Lease {
-            duration: LEASE,
-            addr: GIVEN
-        }
-    );
-    let seen = srv.seen();
+    assert_eq!((lease.duration, lease.addr, lease.bound), (LEASE, GIVEN, false));
+    // Both sides hold the same session keys without sending them: the
+    // server's from its TLS exporter, the client's from its own.
+    let req = srv.requests().first().cloned().expect("one request");
+    assert_eq!(lease.session, req.session);
+    assert_eq!(lease.keys, req.keys);
+    assert_ne!(lease.keys.client_to_server, lease.keys.server_to_client);
+    assert_eq!(req.resume, None);
+    // A second authentication naming the first session gets new keys.
+    let again = client
+        .authenticate_at(std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, srv.addr.port())), Some(lease.session))
+        .await
+        .expect("granted again");
+    let req2 = srv.requests().get(1).cloned().expect("a second request");
+    assert_eq!(req2.resume, Some(lease.session));
+    assert_ne!(again.session, lease.session);
+    assert_eq!(again.keys, req2.keys);
+    assert_ne!(again.keys, lease.keys);
+    let seen: Vec<_> = srv.seen().into_iter().take(1).collect();
     assert_eq!(seen.len(), 1);
     let (peer, id) = seen.first().cloned().expect("one request");
     assert_eq!(id, "alice");
@@ -240,11 +269,11 @@ async fn good_credential_is_granted() {
     assert_eq!(
         peer.port(),
         client.local_addr().port(),
-        "the entry is keyed by the client's listen port"
+        "the client connects from its listen port"
     );
-    wait_for("granted counted", || srv.stat(|s| &s.granted) == 1).await;
+    wait_for("granted counted", || srv.stat(|s| &s.granted) == 2).await;
     assert_eq!(srv.failures(), 0);
-    assert_eq!(client.stats().granted.load(Ordering::Relaxed), 1);
+    assert_eq!(client.stats().granted.load(Ordering::Relaxed), 2);
     srv.stop().await;
 }
 

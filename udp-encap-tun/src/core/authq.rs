@@ -1,11 +1,19 @@
-//! Client side: packets waiting for authentication, and when to try.
+//! Client side: packets waiting for a session, and when to try.
 //!
-//! The first packet to a server without a lease starts an authentication;
+//! The first packet to a server without a session starts an authentication;
 //! it and the packets after it wait in a small queue per server (SPEC
-//! decision 3) and go out when the lease arrives, or are dropped and counted
-//! if it fails. A failure backs off (1 s, doubling to 30 s) so a refusing
-//! server is not hammered and its per-source rate limit is not tripped by
-//! our own retries. Pure: `now` is an argument.
+//! decision 3) and go out when the session is bound (the TLS exchange, then
+//! the proof of the UDP path), or are dropped and counted if that fails. A
+//! failure backs off (1 s, doubling to 30 s) so a refusing server is not
+//! hammered and its per-source rate limit is not tripped by our own retries.
+//!
+//! Anything a local program routes into the TUN reaches this queue, so it is
+//! bounded in every direction (issue: 2000 connects to distinct addresses
+//! once meant 2000 authentications and as many descriptors): at most
+//! [`MAX_IN_FLIGHT`] authentications at once (the others wait their turn,
+//! packets queued), and at most [`MAX_SERVERS`] servers tracked (packets for
+//! more are dropped and counted as `discard_auth_busy`). Pure: `now` is an
+//! argument.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
@@ -13,15 +21,31 @@ use std::time::{Duration, Instant};
 
 /// Packets kept per server while its authentication is in flight.
 pub const QUEUE_PER_SERVER: usize = 64;
+/// Authentications (each a TCP connection) at once.
+pub const MAX_IN_FLIGHT: usize = 8;
+/// Servers with packets waiting, an authentication running or a backoff.
+pub const MAX_SERVERS: usize = 256;
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum State {
+    /// Waiting for a free authentication slot.
+    #[default]
+    Queued,
+    InFlight,
+    /// Nothing running (backing off, or done).
+    Idle,
+}
+
 #[derive(Debug, Default)]
 struct Server {
-    in_flight: bool,
+    state: State,
     queue: VecDeque<Vec<u8>>,
     failures: u32,
     retry_at: Option<Instant>,
+    /// When it joined the line for a slot (first come, first served).
+    since: Option<Instant>,
 }
 
 /// What [`AuthQueue::enqueue`] did with a packet.
@@ -29,58 +53,119 @@ struct Server {
 pub enum Enqueued {
     /// Queued; the caller must start an authentication now.
     StartAuth,
-    /// Queued behind an authentication already in flight.
+    /// Queued behind an authentication in flight, or waiting for a slot.
     Waiting,
     /// Dropped: the queue is full, or the server failed recently (backoff).
     Dropped,
+    /// Dropped: too many servers are tracked already.
+    Busy,
 }
 
 #[derive(Debug, Default)]
 pub struct AuthQueue {
     servers: HashMap<Ipv4Addr, Server>,
+    in_flight: usize,
 }
 
 impl AuthQueue {
     pub fn enqueue(&mut self, server: Ipv4Addr, pkt: &[u8], now: Instant) -> Enqueued {
-        let s = self.servers.entry(server).or_default();
-        if s.in_flight {
-            if s.queue.len() >= QUEUE_PER_SERVER {
-                return Enqueued::Dropped;
+        if !self.servers.contains_key(&server) && self.servers.len() >= MAX_SERVERS {
+            self.prune(now);
+            if self.servers.len() >= MAX_SERVERS {
+                return Enqueued::Busy;
             }
-            s.queue.push_back(pkt.to_vec());
-            return Enqueued::Waiting;
         }
-        if s.retry_at.is_some_and(|t| now < t) {
-            return Enqueued::Dropped;
+        let free = self.in_flight < MAX_IN_FLIGHT;
+        let s = self.servers.entry(server).or_insert_with(|| Server { state: State::Idle, ..Server::default() });
+        match s.state {
+            State::InFlight | State::Queued => {
+                if s.queue.len() >= QUEUE_PER_SERVER {
+                    return Enqueued::Dropped;
+                }
+                s.queue.push_back(pkt.to_vec());
+                Enqueued::Waiting
+            }
+            State::Idle => {
+                if s.retry_at.is_some_and(|t| now < t) {
+                    return Enqueued::Dropped;
+                }
+                s.queue.push_back(pkt.to_vec());
+                if free {
+                    s.state = State::InFlight;
+                    self.in_flight += 1;
+                    Enqueued::StartAuth
+                } else {
+                    s.state = State::Queued;
+                    s.since = Some(now);
+                    Enqueued::Waiting
+                }
+            }
         }
-        s.in_flight = true;
-        s.queue.push_back(pkt.to_vec());
-        Enqueued::StartAuth
     }
 
-    /// A renewal is due: start one unless an authentication is in flight.
+    /// A renewal is due: start one unless an authentication is in flight for
+    /// that server, it is backing off, or every slot is taken.
     pub fn start_renewal(&mut self, server: Ipv4Addr, now: Instant) -> bool {
-        let s = self.servers.entry(server).or_default();
-        if s.in_flight || s.retry_at.is_some_and(|t| now < t) {
+        if self.in_flight >= MAX_IN_FLIGHT || (!self.servers.contains_key(&server) && self.servers.len() >= MAX_SERVERS) {
             return false;
         }
-        s.in_flight = true;
+        let s = self.servers.entry(server).or_insert_with(|| Server { state: State::Idle, ..Server::default() });
+        if s.state != State::Idle || s.retry_at.is_some_and(|t| now < t) {
+            return false;
+        }
+        s.state = State::InFlight;
+        self.in_flight += 1;
         true
     }
 
-    /// The server granted a lease: the waiting packets, in order.
+    /// Servers waiting for a slot that can start now, oldest first; each
+    /// is marked in flight.
+    pub fn start_waiting(&mut self) -> Vec<Ipv4Addr> {
+        let mut waiting: Vec<_> = self
+            .servers
+            .iter()
+            .filter(|(_, s)| s.state == State::Queued)
+            .map(|(a, s)| (s.since, *a))
+            .collect();
+        waiting.sort();
+        let n = MAX_IN_FLIGHT.saturating_sub(self.in_flight);
+        let mut out = Vec::new();
+        for (_, a) in waiting.into_iter().take(n) {
+            if let Some(s) = self.servers.get_mut(&a) {
+                s.state = State::InFlight;
+                self.in_flight += 1;
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    fn finish(&mut self, server: Ipv4Addr) -> Option<&mut Server> {
+        let s = self.servers.get_mut(&server)?;
+        if s.state == State::InFlight {
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+        s.state = State::Idle;
+        Some(s)
+    }
+
+    /// The session is bound: the waiting packets, in order.
     pub fn succeeded(&mut self, server: Ipv4Addr) -> VecDeque<Vec<u8>> {
+        self.finish(server);
         match self.servers.remove(&server) {
             Some(s) => s.queue,
             None => VecDeque::new(),
         }
     }
 
-    /// The authentication failed: drops the waiting packets (returns how
-    /// many) and backs off before the next attempt.
+    /// The authentication (or the binding after it) failed: drops the
+    /// waiting packets (returns how many) and backs off before the next
+    /// attempt.
     pub fn failed(&mut self, server: Ipv4Addr, now: Instant) -> usize {
-        let s = self.servers.entry(server).or_default();
-        s.in_flight = false;
+        if !self.servers.contains_key(&server) {
+            return 0;
+        }
+        let Some(s) = self.finish(server) else { return 0 };
         s.failures = s.failures.saturating_add(1);
         let backoff = BACKOFF_FIRST
             .saturating_mul(1u32 << s.failures.saturating_sub(1).min(5))
@@ -92,13 +177,18 @@ impl AuthQueue {
     }
 
     pub fn in_flight(&self, server: Ipv4Addr) -> bool {
-        self.servers.get(&server).is_some_and(|s| s.in_flight)
+        self.servers.get(&server).is_some_and(|s| s.state == State::InFlight)
+    }
+
+    /// Authentications running now.
+    pub fn running(&self) -> usize {
+        self.in_flight
     }
 
     /// Forgets servers that are idle and out of backoff (bounded memory).
     pub fn prune(&mut self, now: Instant) {
         self.servers
-            .retain(|_, s| s.in_flight || !s.queue.is_empty() || s.retry_at.is_some_and(|t| now < t));
+            .retain(|_, s| s.state != State::Idle || !s.queue.is_empty() || s.retry_at.is_some_and(|t| now < t));
     }
 }
 
@@ -119,6 +209,7 @@ mod tests {
         let out: Vec<_> = q.succeeded(S).into_iter().collect();
         assert_eq!(out, vec![b"syn".to_vec(), b"two".to_vec()]);
         assert!(!q.in_flight(S));
+        assert_eq!(q.running(), 0);
         // after success the next packet would start afresh (the core holds the lease)
         assert_eq!(q.enqueue(S, b"x", now), Enqueued::StartAuth);
     }
@@ -142,6 +233,7 @@ mod tests {
         q.enqueue(S, b"a", t0);
         q.enqueue(S, b"b", t0);
         assert_eq!(q.failed(S, t0), 2);
+        assert_eq!(q.running(), 0);
         assert_eq!(q.enqueue(S, b"c", t0 + Duration::from_millis(999)), Enqueued::Dropped);
         assert_eq!(q.enqueue(S, b"c", t0 + Duration::from_secs(1)), Enqueued::StartAuth);
         let t1 = t0 + Duration::from_secs(1);
@@ -168,10 +260,49 @@ mod tests {
         assert_eq!(q.succeeded(S).len(), 1);
         q.prune(now);
         assert!(q.servers.is_empty());
+        q.start_renewal(S, now);
         q.failed(S, now);
         q.prune(now);
         assert_eq!(q.servers.len(), 1, "kept while backing off");
         q.prune(now + Duration::from_secs(2));
         assert!(q.servers.is_empty());
+    }
+
+    #[test]
+    fn authentications_at_once_and_servers_tracked_are_bounded() {
+        let t0 = Instant::now();
+        let mut q = AuthQueue::default();
+        let server = |i: u32| Ipv4Addr::from(0xc612_0000 + i);
+        // A local program connects to many addresses routed into the TUN.
+        let mut started = 0;
+        for i in 0..MAX_SERVERS as u32 {
+            match q.enqueue(server(i), b"syn", t0 + Duration::from_millis(u64::from(i))) {
+                Enqueued::StartAuth => started += 1,
+                Enqueued::Waiting => {}
+                other => panic!("{i}: {other:?}"),
+            }
+        }
+        assert_eq!(started, MAX_IN_FLIGHT);
+        assert_eq!(q.running(), MAX_IN_FLIGHT);
+        assert_eq!(q.enqueue(server(10_000), b"syn", t0), Enqueued::Busy);
+        assert!(!q.start_renewal(server(10_001), t0), "no slot for a renewal either");
+        // One finishes: the next in line (the oldest waiting) starts.
+        assert_eq!(q.failed(server(0), t0), 1);
+        assert_eq!(q.start_waiting(), vec![server(MAX_IN_FLIGHT as u32)]);
+        assert_eq!(q.running(), MAX_IN_FLIGHT);
+        assert!(q.start_waiting().is_empty(), "no slot free");
+        q.succeeded(server(1));
+        q.succeeded(server(2));
+        assert_eq!(q.start_waiting().len(), 2);
+        // Servers whose backoff ran out leave room for new ones.
+        for i in 0..MAX_SERVERS as u32 {
+            if q.in_flight(server(i)) {
+                q.failed(server(i), t0);
+            }
+        }
+        let later = t0 + Duration::from_secs(60);
+        q.prune(later);
+        assert!(q.servers.len() < MAX_SERVERS);
+        assert_ne!(q.enqueue(server(10_000), b"syn", later), Enqueued::Busy);
     }
 }

@@ -8,35 +8,46 @@
 //! of a datagram's payload so the rebuilt IPv4 header goes there without a
 //! copy; a packet from the TUN leaves as the bytes after its IPv4 header.
 //!
-//! The core also owns the `connection_store` (server) or the leases
-//! (client), and keeps the peer gate (the XDP map) in step with them: an
-//! entry exists in the store only if the gate accepted it.
+//! The core also owns the `connection_store` and the sessions (server) or
+//! the leases (client), and keeps the peer gate (the XDP map) in step with
+//! them: an entry exists in the store only if the gate accepted it.
+//! Datagrams that are not TCP segments but control datagrams
+//! ([`session::wire`]) are handed back to the caller, which passes them to
+//! [`Core::control`] off the data path.
 //!
 //! Everything under this folder is pure in the same sense: bytes and `now`
 //! in, decisions out, unit-tested over byte fixtures and an injected clock.
 //! - [`wire`]: zero-copy views over packet bytes, checksums, the MSS clamp;
 //! - [`store`]: the `connection_store` and its address pool;
+//! - [`session`]: keepalives, path proofs and migration (SPEC decision 11);
+//! - [`endpoints`]: where a client's datagrams for a server go (IPv4, IPv6,
+//!   NAT64);
 //! - [`tso`] / [`gro`]: TUN super-segments cut for the wire, GRO trains
 //!   coalesced for the TUN;
 //! - [`authq`]: client packets waiting for authentication;
 //! - [`ratelog`]: log lines a remote sender can trigger, bounded.
 
 pub mod authq;
+pub mod endpoints;
 pub mod gro;
 pub mod ratelog;
+pub mod session;
 pub mod store;
+#[cfg(test)]
+pub mod test_gate;
 pub mod tso;
 pub mod wire;
 
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::counters::{Counters, Discard, Traffic};
+use self::endpoints::Endpoints;
+use self::session::{SessionId, client, server, wire as control_wire};
 use self::store::{ConnectionStore, Entry, Upsert};
 use self::wire::IPV4_HEADER_LEN;
+use crate::counters::{Counters, Discard, Traffic};
 
 /// Free bytes a receive buffer keeps before a datagram's payload.
 pub const HEADROOM: usize = IPV4_HEADER_LEN;
@@ -44,32 +55,41 @@ pub const HEADROOM: usize = IPV4_HEADER_LEN;
 /// TCP/IPv4 headers without options: what the MSS leaves out of the MTU.
 const TCP_IP_HEADERS: u16 = 40;
 
-/// Where the store's entries are mirrored (the XDP map of allowed peers).
+/// Where the store's entries are mirrored (the XDP maps of allowed peers
+/// and sessions).
 pub trait PeerGate {
     /// Lets `peer`'s datagrams in; `Err` when the gate is full (the peer is
     /// then refused, and no live peer is evicted).
-    fn allow(&mut self, peer: SocketAddrV4) -> Result<(), GateFull>;
+    fn allow(&mut self, peer: SocketAddr) -> Result<(), GateFull>;
     /// Stops letting `peer` in. Failures are the gate's to log.
-    fn revoke(&mut self, peer: SocketAddrV4);
+    fn revoke(&mut self, peer: SocketAddr);
+    /// Lets control datagrams of session `id` in from anywhere (a client
+    /// proving a new path is not a known peer yet).
+    fn allow_session(&mut self, id: SessionId) -> Result<(), GateFull>;
+    fn revoke_session(&mut self, id: SessionId);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GateFull;
 
-/// Why a new peer was refused an entry.
+/// Why a new peer or session was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// Every address of the pool is taken by a live peer.
     PoolFull,
     /// The XDP map of allowed peers is full.
     GateFull,
+    /// The client already holds `--max-entries-per-client` sessions.
+    ClientLimit,
+    /// Not now (an id in use, the wrong mode): try again.
+    Unavailable,
 }
 
 /// What to do with a packet read from the TUN.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FromTun {
     /// Send `pkt[payload]` as one datagram to `to`.
-    Send { to: SocketAddrV4, payload: Range<usize> },
+    Send { to: SocketAddr, payload: Range<usize> },
     /// Client with authentication: no valid lease with `server` yet. The
     /// caller queues the packet and authenticates, then hands it back.
     NeedAuth { server: Ipv4Addr },
@@ -82,52 +102,61 @@ pub enum FromTunSuper {
     /// `hdrs[i * thl..(i + 1) * thl]` followed by the payload
     /// `pkt[payload.start + i * gso_size..]`, at most `gso_size` bytes, up to
     /// `payload.end`.
-    Send { to: SocketAddrV4, count: usize, thl: usize, payload: Range<usize> },
+    Send { to: SocketAddr, count: usize, thl: usize, payload: Range<usize> },
     /// As [`FromTun::NeedAuth`]; nothing was changed.
     NeedAuth { server: Ipv4Addr },
 }
 
-/// A client's standing with one server.
-#[derive(Debug, Clone, Copy)]
-struct Lease {
-    granted: Instant,
-    until: Instant,
-    /// Last packet sent to the server.
-    sent: Instant,
-    /// Last datagram received from it.
-    heard: Instant,
+/// What [`Core::from_udp`] found in a datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromUdp {
+    /// `buf[range]` is the IPv4 packet to write to the TUN.
+    Tun(Range<usize>),
+    /// A control datagram: hand the payload to [`Core::control`].
+    Control,
 }
 
-impl Lease {
-    /// A lease is renewed only while traffic flows in either direction.
-    fn active(&self) -> Instant {
-        self.sent.max(self.heard)
-    }
+/// What a control datagram asks of the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ControlDone {
+    /// Send this datagram.
+    pub reply: Option<(SocketAddr, [u8; control_wire::LEN])>,
+    /// Client: the session with this server is bound; send what waits.
+    pub bound: Option<Ipv4Addr>,
+    /// Server: what happened, for the log (`None`: nothing worth a line).
+    pub event: Option<server::Event>,
+    /// Something worth saving to disk changed (a path bound or moved).
+    pub changed: bool,
 }
 
-/// A server that has not answered for this long while we kept sending has
-/// probably lost our entry (restarted): authenticate again without waiting
-/// for the lease to run out.
-pub const SILENT_SERVER: Duration = Duration::from_secs(3);
+/// An entry or lease that ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Server: an entry, with the client it belonged to (version 2).
+    Entry { entry: Entry, client: Option<String> },
+    /// Client: the lease with this server.
+    Lease { server: Ipv4Addr },
+}
 
+// One per core, built once and never moved: the size of a variant does
+// not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Role {
     Server {
         store: ConnectionStore,
-        /// Version 2: only authentication creates and refreshes entries.
+        /// Version 2: only authentication creates entries, and proofs of
+        /// the session refresh them.
         auth: bool,
+        sessions: server::Sessions,
     },
     Client {
-        endpoint_port: u16,
-        /// Version 2: traffic to and from a server needs a lease with it.
+        endpoints: Endpoints,
+        /// Version 2: traffic to and from a server needs a session with it.
         auth: bool,
-        leases: HashMap<Ipv4Addr, LeaseSlot>,
+        sessions: client::Sessions,
     },
 }
-
-/// Opaque lease state kept per server (client role).
-#[derive(Debug, Clone, Copy)]
-pub struct LeaseSlot(Lease);
 
 pub struct Core {
     tun_addr: Ipv4Addr,
@@ -139,7 +168,7 @@ pub struct Core {
 
 impl Core {
     /// `path_mtu`: the largest inner IPv4 packet that fits the path, i.e.
-    /// min(TUN MTU, uplink MTU - 8).
+    /// min(TUN MTU, uplink MTU - outer headers).
     pub fn new(tun_addr: Ipv4Addr, path_mtu: u16, role: Role, counters: Arc<Counters>) -> Core {
         Core {
             tun_addr,
@@ -150,12 +179,15 @@ impl Core {
         }
     }
 
-    pub fn server(store: ConnectionStore, auth: bool) -> Role {
-        Role::Server { store, auth }
+    /// `max_per_client`: `--max-entries-per-client`; `bind_life`: how long a
+    /// new session may take to prove its UDP path.
+    pub fn server(store: ConnectionStore, auth: bool, max_per_client: usize, bind_life: Duration) -> Role {
+        Role::Server { store, auth, sessions: server::Sessions::new(max_per_client, bind_life) }
     }
 
-    pub fn client(endpoint_port: u16, auth: bool) -> Role {
-        Role::Client { endpoint_port, auth, leases: HashMap::new() }
+    /// `keepalive`: `--keepalive` (zero: off).
+    pub fn client(endpoints: Endpoints, auth: bool, keepalive: Duration) -> Role {
+        Role::Client { endpoints, auth, sessions: client::Sessions::new(keepalive) }
     }
 
     pub fn max_mss(&self) -> u16 {
@@ -170,6 +202,20 @@ impl Core {
         match &self.role {
             Role::Server { store, .. } => Some(store),
             Role::Client { .. } => None,
+        }
+    }
+
+    pub fn server_sessions(&self) -> Option<&server::Sessions> {
+        match &self.role {
+            Role::Server { sessions, .. } => Some(sessions),
+            Role::Client { .. } => None,
+        }
+    }
+
+    pub fn client_sessions(&self) -> Option<&client::Sessions> {
+        match &self.role {
+            Role::Client { sessions, .. } => Some(sessions),
+            Role::Server { .. } => None,
         }
     }
 
@@ -240,7 +286,7 @@ impl Core {
 
     /// A packet from the TUN checked (a refusal counted) and routed: where
     /// it goes, `None` if a lease must be had first.
-    fn parse_and_route(&mut self, pkt: &[u8], now: Instant) -> Result<(wire::Ipv4Tcp, Option<SocketAddrV4>), Discard> {
+    fn parse_and_route(&mut self, pkt: &[u8], now: Instant) -> Result<(wire::Ipv4Tcp, Option<SocketAddr>), Discard> {
         let t = match wire::parse_ipv4_tcp(pkt) {
             Ok(t) => t,
             Err(reason) => return self.discard(reason),
@@ -250,47 +296,45 @@ impl Core {
     }
 
     /// Where a packet from the TUN to `dst` goes: the server's peer with that
-    /// address, or the client's server (`None`: no lease yet).
-    fn route_tun(&mut self, dst: Ipv4Addr, now: Instant) -> Result<Option<SocketAddrV4>, Discard> {
+    /// address, or the client's server (`None`: no bound session yet).
+    fn route_tun(&mut self, dst: Ipv4Addr, now: Instant) -> Result<Option<SocketAddr>, Discard> {
         match &mut self.role {
             Role::Server { store, .. } => match store.by_addr(dst) {
                 Some(peer) => Ok(Some(peer)),
                 None => self.discard(Discard::NoEntry),
             },
-            Role::Client { endpoint_port, auth, leases } => {
-                if *auth {
-                    match leases.get_mut(&dst) {
-                        Some(LeaseSlot(l)) if now < l.until => l.sent = now,
-                        _ => return Ok(None),
-                    }
-                }
-                Ok(Some(SocketAddrV4::new(dst, *endpoint_port)))
-            }
+            Role::Client { auth: true, sessions, .. } => Ok(sessions.route(dst, now)),
+            Role::Client { endpoints, auth: false, .. } => Ok(Some(endpoints.path(dst))),
         }
     }
 
     /// A datagram from `src` whose payload is `buf[HEADROOM..HEADROOM + len]`.
-    /// On success `buf[range]` is the IPv4 packet to write to the TUN.
+    /// On [`FromUdp::Tun`], `buf[range]` is the IPv4 packet to write to the
+    /// TUN; on [`FromUdp::Control`], the payload is a control datagram for
+    /// [`Core::control`].
     pub fn from_udp(
         &mut self,
-        src: SocketAddrV4,
+        src: SocketAddr,
         buf: &mut [u8],
         len: usize,
         now: Instant,
         gate: &mut dyn PeerGate,
-    ) -> Result<Range<usize>, Discard> {
+    ) -> Result<FromUdp, Discard> {
         let Some(end) = HEADROOM.checked_add(len) else {
             return self.discard(Discard::Malformed);
         };
         let Some((hdr, seg)) = buf.get_mut(..end).map(|b| b.split_at_mut(HEADROOM)) else {
             return self.discard(Discard::Malformed);
         };
+        if wire::parse_segment(seg).is_err() && control_wire::is_control(seg) {
+            return Ok(FromUdp::Control);
+        }
         let inner_src = self.accept_segment(src, seg, now, gate)?;
         let id = self.next_ip_id();
         if wire::write_ipv4_header(hdr, inner_src, self.tun_addr, len, id).is_none() {
             return self.discard(Discard::Malformed);
         }
-        Ok(0..end)
+        Ok(FromUdp::Tun(0..end))
     }
 
     /// A datagram's payload `seg` from `src`, checked and rewritten in place
@@ -299,7 +343,7 @@ impl Core {
     /// IPv4 header from that source to [`Core::tun_addr`] in front of it.
     pub fn accept_segment(
         &mut self,
-        src: SocketAddrV4,
+        src: SocketAddr,
         seg: &mut [u8],
         now: Instant,
         gate: &mut dyn PeerGate,
@@ -319,15 +363,18 @@ impl Core {
     /// [`Core::accept_segment`] does, but looks the peer up once per train
     /// (every datagram of a train has the same source) and adds to the
     /// counters once. Pushes the ranges of the accepted datagrams onto
-    /// `accepted` and returns their inner source, or `None` if none passed.
+    /// `accepted`, those of control datagrams onto `controls`, and returns
+    /// the inner source of the accepted ones, or `None` if none passed.
+    #[allow(clippy::too_many_arguments)]
     pub fn accept_train(
         &mut self,
-        src: SocketAddrV4,
+        src: SocketAddr,
         train: &mut [u8],
         stride: usize,
         now: Instant,
         gate: &mut dyn PeerGate,
         accepted: &mut Vec<Range<usize>>,
+        controls: &mut Vec<Range<usize>>,
     ) -> Option<Ipv4Addr> {
         let mut inner = None;
         let (mut packets, mut bytes) = (0u64, 0u64);
@@ -338,7 +385,11 @@ impl Core {
             at = end;
             let Some(seg) = train.get_mut(range.clone()) else { break };
             if let Err(reason) = wire::parse_segment(seg) {
-                self.counters.discard(reason);
+                if control_wire::is_control(seg) {
+                    controls.push(range);
+                } else {
+                    self.counters.discard(reason);
+                }
                 continue;
             }
             // Only a well-formed segment may create or refresh an entry;
@@ -367,27 +418,23 @@ impl Core {
 
     /// The inner source address of datagrams from `src`, if `src` may send:
     /// the server creates (version 1) or finds its entry, the client checks
-    /// its lease. Counts a refusal.
-    fn resolve_peer(&mut self, src: SocketAddrV4, now: Instant, gate: &mut dyn PeerGate) -> Result<Ipv4Addr, Discard> {
-        match &mut self.role {
-            Role::Server { store, auth: false } => match upsert(store, src, now, gate, &self.counters) {
+    /// its session. Counts a refusal.
+    fn resolve_peer(&mut self, src: SocketAddr, now: Instant, gate: &mut dyn PeerGate) -> Result<Ipv4Addr, Discard> {
+        let found = match &mut self.role {
+            Role::Server { store, auth: false, .. } => match upsert(store, src, now, gate, &self.counters) {
                 Ok(addr) => Ok(addr),
-                Err(_) => self.discard(Discard::PoolFull),
+                Err(_) => Err(Discard::PoolFull),
             },
-            Role::Server { store, auth: true } => match store.by_peer(src) {
-                Some(addr) => Ok(addr),
-                None => self.discard(Discard::Unauthenticated),
+            Role::Server { store, auth: true, .. } => store.heard(src, now).ok_or(Discard::Unauthenticated),
+            Role::Client { sessions, auth: true, .. } => sessions.accept(src, now).ok_or(Discard::Unauthenticated),
+            // Version 1 takes any IPv4 source at its word (the inner source
+            // is the outer one); an IPv6 one must be a server we send to.
+            Role::Client { endpoints, auth: false, .. } => match src {
+                SocketAddr::V4(s) => Ok(*s.ip()),
+                SocketAddr::V6(_) => endpoints.server_of(src).ok_or(Discard::Unauthenticated),
             },
-            Role::Client { endpoint_port, auth, leases } => {
-                if *auth {
-                    match leases.get_mut(src.ip()) {
-                        Some(LeaseSlot(l)) if src.port() == *endpoint_port && now < l.until => l.heard = now,
-                        _ => return self.discard(Discard::Unauthenticated),
-                    }
-                }
-                Ok(*src.ip())
-            }
-        }
+        };
+        found.or_else(|reason| self.discard(reason))
     }
 
     /// A checked segment from `inner_src`, rewritten in place for the TUN:
@@ -410,50 +457,124 @@ impl Core {
         self.ip_id
     }
 
-    /// Server: a peer authenticated (or, in version 1, sent a datagram):
-    /// create or refresh its entry, mirrored into the gate.
-    pub fn admit(
+    /// A control datagram `payload` from `src` (off the data path: at most
+    /// one HMAC each). `nonce`: fresh random bits, used if the server sends a
+    /// challenge. A refusal is counted under `discard_control` and returned.
+    pub fn control(
         &mut self,
-        peer: SocketAddrV4,
+        src: SocketAddr,
+        payload: &[u8],
         now: Instant,
         gate: &mut dyn PeerGate,
-    ) -> Result<Ipv4Addr, Refusal> {
-        match &mut self.role {
-            Role::Server { store, .. } => upsert(store, peer, now, gate, &self.counters),
-            Role::Client { .. } => Err(Refusal::PoolFull),
+        nonce: u64,
+    ) -> Result<ControlDone, session::Refused> {
+        let c = &self.counters;
+        let done = match &mut self.role {
+            Role::Server { store, auth: true, sessions } => sessions.control(store, gate, src, payload, now, nonce).map(|o| {
+                let mut done = ControlDone { reply: o.reply, ..ControlDone::default() };
+                match o.event {
+                    server::Event::Answered => c.add(Traffic::KeepalivesAnswered, 1),
+                    server::Event::Challenged { .. } => {
+                        c.add(Traffic::Challenges, 1);
+                        done.event = Some(o.event);
+                    }
+                    server::Event::ChallengePending => {}
+                    server::Event::Bound { .. } | server::Event::Moved { .. } => {
+                        c.add(Traffic::KeepalivesAnswered, 1);
+                        if matches!(o.event, server::Event::Moved { .. }) {
+                            c.add(Traffic::Migrations, 1);
+                        }
+                        done.event = Some(o.event);
+                        done.changed = true;
+                    }
+                    server::Event::Abandoned { .. } | server::Event::GateFull { .. } => {
+                        c.discard(Discard::Control);
+                        done.event = Some(o.event);
+                    }
+                }
+                done
+            }),
+            Role::Client { auth: true, sessions, .. } => sessions.control(src, payload, now).map(|o| {
+                if o.acked {
+                    c.add(Traffic::KeepalivesAnswered, 1);
+                }
+                ControlDone { reply: o.reply, bound: o.bound, event: None, changed: o.bound.is_some() }
+            }),
+            // Version 1 has no sessions.
+            _ => Err(session::Refused::UnknownSession),
+        };
+        if done.is_err() {
+            c.discard(Discard::Control);
         }
+        done
     }
 
-    /// Server: removes `peer`'s entry and its gate entry at once (a revoked
-    /// client).
-    pub fn remove_peer(&mut self, peer: SocketAddrV4, gate: &mut dyn PeerGate) -> Option<Entry> {
-        let Role::Server { store, .. } = &mut self.role else { return None };
-        let e = store.remove(peer)?;
-        gate.revoke(peer);
+    /// Server: a client proved its credential (SPEC version 2); a session and
+    /// an entry for it, or its earlier session taken over.
+    pub fn admit(&mut self, a: server::Admit<'_>, now: Instant, gate: &mut dyn PeerGate) -> Result<server::Admitted, Refusal> {
+        let Role::Server { store, auth: true, sessions } = &mut self.role else {
+            return Err(Refusal::Unavailable);
+        };
+        let r = sessions.admit(store, gate, a, now);
+        match r {
+            Ok(adm) if adm.resumed => self.counters.add(Traffic::SessionsResumed, 1),
+            Ok(_) => self.counters.add(Traffic::EntriesCreated, 1),
+            Err(Refusal::ClientLimit) => self.counters.discard(Discard::ClientLimit),
+            Err(Refusal::PoolFull | Refusal::GateFull) => self.counters.discard(Discard::PoolFull),
+            Err(Refusal::Unavailable) => {}
+        }
+        r
+    }
+
+    /// Server: removes the entry of `addr` and its gate entries at once (a
+    /// revoked client).
+    pub fn remove_entry(&mut self, addr: Ipv4Addr, gate: &mut dyn PeerGate) -> Option<Entry> {
+        let Role::Server { store, sessions, .. } = &mut self.role else { return None };
+        let e = store.remove(addr)?;
+        if let Some(p) = e.peer {
+            gate.revoke(p);
+        }
+        sessions.forget(addr, gate);
         Some(e)
     }
 
-    /// Server: removes entries whose time ran out, and their gate entries.
-    /// Client: forgets leases that ran out. Returns the removed entries.
-    pub fn expire(&mut self, now: Instant, gate: &mut dyn PeerGate, expired: &mut Vec<Entry>) {
-        match &mut self.role {
-            Role::Server { store, .. } => {
-                let before = expired.len();
-                store.expire(now, expired);
-                for e in expired.iter().skip(before) {
-                    gate.revoke(e.peer);
+    /// Server: removes the entries of every session whose client `drop`
+    /// says so (revocation). Returns them with their clients.
+    pub fn remove_clients(&mut self, drop: impl FnMut(&str) -> bool, gate: &mut dyn PeerGate) -> Vec<(Entry, String)> {
+        let Role::Server { store, sessions, .. } = &mut self.role else { return Vec::new() };
+        let mut out = Vec::new();
+        for addr in sessions.addrs_where(drop) {
+            let client = sessions.forget(addr, gate).map(|s| s.client).unwrap_or_default();
+            if let Some(e) = store.remove(addr) {
+                if let Some(p) = e.peer {
+                    gate.revoke(p);
                 }
-                self.counters.add(Traffic::EntriesExpired, (expired.len() - before) as u64);
+                out.push((e, client));
             }
-            Role::Client { endpoint_port, leases, .. } => {
-                let port = *endpoint_port;
-                leases.retain(|server, LeaseSlot(l)| {
-                    let live = now < l.until;
-                    if !live {
-                        gate.revoke(SocketAddrV4::new(*server, port));
+        }
+        out
+    }
+
+    /// Server: removes entries whose time ran out, and their gate entries
+    /// and sessions. Client: forgets leases that ran out.
+    pub fn expire(&mut self, now: Instant, gate: &mut dyn PeerGate, ended: &mut Vec<Ended>) {
+        match &mut self.role {
+            Role::Server { store, sessions, .. } => {
+                let mut gone = Vec::new();
+                store.expire(now, &mut gone);
+                for e in gone {
+                    if let Some(p) = e.peer {
+                        gate.revoke(p);
                     }
-                    live
-                });
+                    let client = sessions.forget(e.addr, gate).map(|s| s.client);
+                    self.counters.add(Traffic::EntriesExpired, 1);
+                    ended.push(Ended::Entry { entry: e, client });
+                }
+            }
+            Role::Client { sessions, .. } => {
+                let mut gone = Vec::new();
+                sessions.expire(now, gate, &mut gone);
+                ended.extend(gone.into_iter().map(|server| Ended::Lease { server }));
             }
         }
     }
@@ -462,64 +583,80 @@ impl Core {
     pub fn next_expiry(&self) -> Option<Instant> {
         match &self.role {
             Role::Server { store, .. } => store.next_expiry(),
-            Role::Client { leases, .. } => leases.values().map(|LeaseSlot(l)| l.until).min(),
+            Role::Client { sessions, .. } => sessions.next_expiry(),
         }
     }
 
-    /// Client: the server granted a lease of `duration`.
-    pub fn grant_lease(
-        &mut self,
-        server: Ipv4Addr,
-        duration: Duration,
-        now: Instant,
-        gate: &mut dyn PeerGate,
-    ) -> Result<(), Refusal> {
-        if let Role::Client { endpoint_port, leases, .. } = &mut self.role {
-            let peer = SocketAddrV4::new(server, *endpoint_port);
-            if !leases.contains_key(&server) && gate.allow(peer).is_err() {
-                return Err(Refusal::GateFull);
-            }
-            // A new lease starts as heard from: the server just answered.
-            let sent = leases.get(&server).map_or(now, |LeaseSlot(l)| l.sent);
-            leases.insert(server, LeaseSlot(Lease { granted: now, until: now + duration, sent, heard: now }));
+    /// Client: the server granted a lease at the end of an authentication.
+    pub fn grant(&mut self, g: client::Grant, now: Instant, gate: &mut dyn PeerGate) -> Result<(), Refusal> {
+        let Role::Client { sessions, .. } = &mut self.role else { return Err(Refusal::Unavailable) };
+        sessions.grant(g, now, gate).map_err(|_| Refusal::GateFull)
+    }
+
+    /// Client: where the datagrams for `server` go.
+    pub fn path_for(&self, server: Ipv4Addr) -> Option<SocketAddr> {
+        match &self.role {
+            Role::Client { endpoints, .. } => Some(endpoints.path(server)),
+            Role::Server { .. } => None,
         }
+    }
+
+    /// Client: what the session timers ask for now (keepalives to send,
+    /// re-authentications, bindings given up), counted.
+    pub fn client_due(&mut self, now: Instant, out: &mut Vec<client::Action>) {
+        if let Role::Client { sessions, auth: true, .. } = &mut self.role {
+            let before = out.len();
+            sessions.due(now, out);
+            let sent = out.iter().skip(before).filter(|a| matches!(a, client::Action::Send { .. })).count();
+            self.counters.add(Traffic::KeepalivesSent, sent as u64);
+        }
+    }
+
+    /// Client: forgets the session with `server` (its binding failed).
+    pub fn forget_server(&mut self, server: Ipv4Addr, gate: &mut dyn PeerGate) {
+        if let Role::Client { sessions, .. } = &mut self.role {
+            sessions.forget(server, gate);
+        }
+    }
+
+    /// Client: a re-authentication with `server` failed; it may be asked
+    /// for again.
+    pub fn reauth_failed(&mut self, server: Ipv4Addr) {
+        if let Role::Client { sessions, .. } = &mut self.role {
+            sessions.reauth_failed(server);
+        }
+    }
+
+    /// Server: takes back a session saved by an earlier run.
+    pub fn restore_server(&mut self, s: server::Saved, counter: u64, now: Instant, gate: &mut dyn PeerGate) -> Result<(), server::RestoreRefused> {
+        let Role::Server { store, sessions, .. } = &mut self.role else { return Err(server::RestoreRefused::Expired) };
+        sessions.restore(store, gate, s, counter, now)?;
+        self.counters.add(Traffic::SessionsResumed, 1);
         Ok(())
     }
 
-    /// Client: servers whose lease is past two thirds of its life and that
-    /// exchanged traffic within the last third of it (idle leases lapse),
-    /// and servers that have been silent for [`SILENT_SERVER`] while we kept
-    /// sending (a restarted server has forgotten us).
-    pub fn leases_to_renew(&self, now: Instant) -> Vec<Ipv4Addr> {
-        match &self.role {
-            Role::Client { leases, .. } => leases
-                .iter()
-                .filter(|(_, LeaseSlot(l))| {
-                    let life = l.until.saturating_duration_since(l.granted);
-                    let due = now >= l.granted + life * 2 / 3
-                        && now.saturating_duration_since(l.active()) < life / 3;
-                    let silent = l.sent.saturating_duration_since(l.heard) >= SILENT_SERVER
-                        && now.saturating_duration_since(l.granted) >= SILENT_SERVER;
-                    (due || silent) && now < l.until
-                })
-                .map(|(s, _)| *s)
-                .collect(),
-            Role::Server { .. } => Vec::new(),
+    /// Client: takes back a session saved by an earlier run.
+    pub fn restore_client(&mut self, s: client::Saved, counter: u64, now: Instant, gate: &mut dyn PeerGate) -> bool {
+        let Role::Client { sessions, .. } = &mut self.role else { return false };
+        let ok = sessions.restore(s, counter, now, gate);
+        if ok {
+            self.counters.add(Traffic::SessionsResumed, 1);
         }
+        ok
     }
 
-    /// Client: servers with a live lease and when it ends.
-    pub fn leases(&self) -> Vec<(Ipv4Addr, Instant)> {
-        match &self.role {
-            Role::Client { leases, .. } => leases.iter().map(|(s, LeaseSlot(l))| (*s, l.until)).collect(),
-            Role::Server { .. } => Vec::new(),
+    /// Server: the quarantined addresses (saved across a restart).
+    pub fn restore_quarantine(&mut self, addrs: impl IntoIterator<Item = Ipv4Addr>) {
+        if let Role::Server { store, .. } = &mut self.role {
+            store.restore_quarantine(addrs);
         }
     }
 }
 
+/// Version 1: a datagram creates or refreshes its sender's entry.
 fn upsert(
     store: &mut ConnectionStore,
-    peer: SocketAddrV4,
+    peer: SocketAddr,
     now: Instant,
     gate: &mut dyn PeerGate,
     counters: &Counters,
@@ -528,7 +665,7 @@ fn upsert(
         Ok(Upsert::Refreshed(addr)) => Ok(addr),
         Ok(Upsert::Created(addr)) => {
             if gate.allow(peer).is_err() {
-                store.remove(peer);
+                store.remove(addr);
                 log::warn!("refused peer {peer}: the XDP map of allowed peers is full (raise --xdp-map-size)");
                 return Err(Refusal::GateFull);
             }
@@ -551,44 +688,68 @@ fn upsert(
 mod tests {
     use super::*;
     use crate::core::store::Pool;
-    use std::collections::HashSet;
+    use crate::core::test_gate::FakeGate;
 
     const SERVER_TUN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
     const CLIENT_TUN: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
     const SERVER_REAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-    const PEER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 12345);
+    const PEER: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 12345));
 
-    #[derive(Default)]
-    struct FakeGate {
-        allowed: HashSet<SocketAddrV4>,
-        capacity: usize,
-    }
-
-    impl PeerGate for FakeGate {
-        fn allow(&mut self, peer: SocketAddrV4) -> Result<(), GateFull> {
-            if self.allowed.len() >= self.capacity && !self.allowed.contains(&peer) {
-                return Err(GateFull);
-            }
-            self.allowed.insert(peer);
-            Ok(())
-        }
-        fn revoke(&mut self, peer: SocketAddrV4) {
-            self.allowed.remove(&peer);
-        }
+    fn from_server() -> SocketAddr {
+        SocketAddr::from((SERVER_REAL, 12345))
     }
 
     fn gate(capacity: usize) -> FakeGate {
-        FakeGate { capacity, ..Default::default() }
+        FakeGate::new(capacity)
     }
 
     fn server(auth: bool, timeout: Duration) -> Core {
         let pool = Pool::new(Ipv4Addr::new(198, 18, 0, 0), 24, &[SERVER_TUN]).unwrap();
         let store = ConnectionStore::new(pool, timeout, 7);
-        Core::new(SERVER_TUN, 1400, Core::server(store, auth), Arc::default())
+        Core::new(SERVER_TUN, 1400, Core::server(store, auth, 8, Duration::from_secs(10)), Arc::default())
     }
 
     fn client(auth: bool) -> Core {
-        Core::new(CLIENT_TUN, 1400, Core::client(12345, auth), Arc::default())
+        let endpoints = Endpoints::new(12345, &[], None);
+        Core::new(CLIENT_TUN, 1400, Core::client(endpoints, auth, Duration::from_secs(25)), Arc::default())
+    }
+
+    fn tun_range(r: Result<FromUdp, Discard>) -> Result<Range<usize>, Discard> {
+        match r? {
+            FromUdp::Tun(r) => Ok(r),
+            FromUdp::Control => panic!("a control datagram"),
+        }
+    }
+
+    const SID: SessionId = SessionId([5; 8]);
+
+    fn key_bytes() -> session::KeyBytes {
+        session::KeyBytes::from_exporter(&[0x33; control_wire::EXPORTER_LEN])
+    }
+
+    /// A client's control datagram of session SID.
+    fn from_client(kind: control_wire::Kind, counter: u64, echo: u64) -> [u8; control_wire::LEN] {
+        let k = session::Keys::new(key_bytes());
+        control_wire::Control { kind, session: SID, counter, echo }.encode(&k.client_to_server)
+    }
+
+    /// A server's control datagram of session SID.
+    fn from_srv(kind: control_wire::Kind, counter: u64, echo: u64) -> [u8; control_wire::LEN] {
+        let k = session::Keys::new(key_bytes());
+        control_wire::Control { kind, session: SID, counter, echo }.encode(&k.server_to_client)
+    }
+
+    /// Server: authentication, then the path `peer` proven by keepalive,
+    /// challenge and response, all through the core. Returns the address.
+    fn admit_and_bind(s: &mut Core, peer: SocketAddr, now: Instant, g: &mut FakeGate) -> Ipv4Addr {
+        let a = server::Admit { seed: peer, client: "alice", id: SID, keys: key_bytes(), resume: None, counter: 1 };
+        let addr = s.admit(a, now, g).unwrap().addr;
+        let done = s.control(peer, &from_client(control_wire::Kind::Keepalive, 10, 0), now, g, 0x77).unwrap();
+        assert!(done.reply.is_some(), "challenged");
+        let done = s.control(peer, &from_client(control_wire::Kind::Response, 11, 0x77), now, g, 0).unwrap();
+        assert!(matches!(done.event, Some(server::Event::Bound { .. })));
+        assert!(done.changed);
+        addr
     }
 
     /// A TCP SYN with MSS 1460 and 5 bytes of data, from `src` to `dst`, as
@@ -635,14 +796,14 @@ mod tests {
         // client: the app's SYN to the server's real address leaves as a datagram
         let mut pkt = tcp_packet(CLIENT_TUN, SERVER_REAL);
         let FromTun::Send { to, payload } = c.from_tun(&mut pkt, now).unwrap() else { panic!() };
-        assert_eq!(to, SocketAddrV4::new(SERVER_REAL, 12345));
+        assert_eq!(to, from_server());
         assert_eq!(payload, 20..49);
         assert_eq!(&pkt[payload.clone()][20..24], &[2, 4, 0x05, 0x50], "MSS clamped to 1400 - 40 = 1360");
         assert!(tcp_valid(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &pkt[payload.clone()]));
 
         // server: the datagram becomes a segment from the peer's generated address
         let mut buf = datagram(&pkt[payload.clone()]);
-        let r = s.from_udp(PEER, &mut buf, payload.len(), now, &mut g).unwrap();
+        let r = tun_range(s.from_udp(PEER, &mut buf, payload.len(), now, &mut g)).unwrap();
         let out = &buf[r];
         let t = wire::parse_ipv4_tcp(out).unwrap();
         let generated = s.store().unwrap().by_peer(PEER).unwrap();
@@ -659,7 +820,7 @@ mod tests {
 
         // client: the reply appears to come from the server's real address
         let mut buf = datagram(&reply[payload.clone()]);
-        let r = c.from_udp(SocketAddrV4::new(SERVER_REAL, 12345), &mut buf, payload.len(), now, &mut g).unwrap();
+        let r = tun_range(c.from_udp(from_server(), &mut buf, payload.len(), now, &mut g)).unwrap();
         let t = wire::parse_ipv4_tcp(&buf[r.clone()]).unwrap();
         assert_eq!((t.src, t.dst), (SERVER_REAL, CLIENT_TUN));
         assert!(tcp_valid(SERVER_REAL, CLIENT_TUN, &buf[r][20..]));
@@ -726,7 +887,7 @@ mod tests {
         else {
             panic!("no lease needed without auth")
         };
-        assert_eq!((to, count, thl), (SocketAddrV4::new(SERVER_REAL, 12345), 4, 32));
+        assert_eq!((to, count, thl), (from_server(), 4, 32));
         assert_eq!(payload, 52..pkt.len());
         assert_eq!(c.counters().traffic(Traffic::TunRxPackets), 4);
 
@@ -783,7 +944,9 @@ mod tests {
         let mut s = server(false, Duration::from_secs(300));
         let mut g = gate(4);
         let mut accepted = Vec::new();
-        let src = s.accept_train(PEER, &mut train, stride, now, &mut g, &mut accepted);
+        let mut controls = Vec::new();
+        let src = s.accept_train(PEER, &mut train, stride, now, &mut g, &mut accepted, &mut controls);
+        assert!(controls.is_empty());
         let generated = s.store().unwrap().by_peer(PEER).unwrap();
         assert_eq!(src, Some(generated));
         assert_eq!(accepted, vec![0..stride, 2 * stride..3 * stride]);
@@ -802,20 +965,20 @@ mod tests {
         // authenticating server is refused once per datagram
         let mut junk = vec![0u8; 3 * 25];
         let mut s2 = server(false, Duration::from_secs(300));
-        assert_eq!(s2.accept_train(PEER, &mut junk, 25, now, &mut gate(4), &mut accepted), None);
+        assert_eq!(s2.accept_train(PEER, &mut junk, 25, now, &mut gate(4), &mut accepted, &mut controls), None);
         assert!(s2.store().unwrap().is_empty());
         let mut auth = server(true, Duration::from_secs(300));
         let mut two = [seg.clone(), seg.clone()].concat();
         accepted.clear();
-        assert_eq!(auth.accept_train(PEER, &mut two, stride, now, &mut gate(4), &mut accepted), None);
+        assert_eq!(auth.accept_train(PEER, &mut two, stride, now, &mut gate(4), &mut accepted, &mut controls), None);
         assert!(accepted.is_empty());
         assert_eq!(auth.counters().discards(Discard::Unauthenticated), 2);
         // stride 0 (never from the kernel) still ends
-        assert_eq!(s2.accept_train(PEER, &mut junk, 0, now, &mut gate(4), &mut accepted), None);
+        assert_eq!(s2.accept_train(PEER, &mut junk, 0, now, &mut gate(4), &mut accepted, &mut controls), None);
     }
 
     #[test]
-    fn authenticated_server_needs_an_entry_first() {
+    fn authenticated_server_needs_a_proven_path_first() {
         let now = Instant::now();
         let mut s = server(true, Duration::from_secs(300));
         let mut g = gate(10);
@@ -823,10 +986,31 @@ mod tests {
         let mut buf = datagram(&seg);
         assert_eq!(s.from_udp(PEER, &mut buf, seg.len(), now, &mut g), Err(Discard::Unauthenticated));
         assert!(s.store().unwrap().is_empty(), "datagrams no longer create entries");
-        let addr = s.admit(PEER, now, &mut g).unwrap();
-        let mut buf = datagram(&seg);
-        let r = s.from_udp(PEER, &mut buf, seg.len(), now, &mut g).unwrap();
+        // Authenticated but not proven: still nothing gets in.
+        let a = server::Admit { seed: PEER, client: "alice", id: SID, keys: key_bytes(), resume: None, counter: 1 };
+        let addr = s.admit(a, now, &mut g).unwrap().addr;
+        assert_eq!(s.from_udp(PEER, &mut datagram(&seg), seg.len(), now, &mut g), Err(Discard::Unauthenticated));
+        // A control datagram is told apart from a segment and handed back.
+        let ka = from_client(control_wire::Kind::Keepalive, 10, 0);
+        assert_eq!(s.from_udp(PEER, &mut datagram(&ka), ka.len(), now, &mut g), Ok(FromUdp::Control));
+        let done = s.control(PEER, &ka, now, &mut g, 0x77).unwrap();
+        assert_eq!(s.counters().traffic(Traffic::Challenges), 1);
+        let (to, ch) = done.reply.unwrap();
+        assert_eq!((to, ch[0]), (PEER, control_wire::Kind::Challenge as u8));
+        let done = s.control(PEER, &from_client(control_wire::Kind::Response, 11, 0x77), now, &mut g, 0).unwrap();
+        assert_eq!(done.event, Some(server::Event::Bound { addr, path: PEER }));
+        assert!(g.allowed.contains(&PEER) && g.sessions.contains(&SID));
+        let r = tun_range(s.from_udp(PEER, &mut buf, seg.len(), now, &mut g)).unwrap();
         assert_eq!(wire::parse_ipv4_tcp(&buf[r]).unwrap().src, addr);
+        // A replayed keepalive is refused and counted.
+        assert_eq!(s.control(PEER, &ka, now, &mut g, 0), Err(session::Refused::Replay));
+        assert_eq!(s.counters().discards(Discard::Control), 1);
+        // Control datagrams inside a GRO train are handed back by range.
+        let mut train = [from_client(control_wire::Kind::Keepalive, 12, 0), from_client(control_wire::Kind::Keepalive, 13, 0)].concat();
+        let (mut accepted, mut controls) = (Vec::new(), Vec::new());
+        assert_eq!(s.accept_train(PEER, &mut train, 48, now, &mut g, &mut accepted, &mut controls), None);
+        assert_eq!(controls, vec![0..48, 48..96]);
+        assert_eq!(s.counters().discards(Discard::Malformed), 0, "not counted as malformed");
     }
 
     #[test]
@@ -835,13 +1019,19 @@ mod tests {
         let mut s = server(false, Duration::from_secs(300));
         let mut g = gate(1);
         let seg = tcp_packet(CLIENT_TUN, SERVER_REAL)[20..].to_vec();
-        let other = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 3), 1);
-        s.from_udp(PEER, &mut datagram(&seg), seg.len(), now, &mut g).unwrap();
+        let other = SocketAddr::from((Ipv4Addr::new(192, 0, 2, 3), 1));
+        tun_range(s.from_udp(PEER, &mut datagram(&seg), seg.len(), now, &mut g)).unwrap();
         assert_eq!(s.from_udp(other, &mut datagram(&seg), seg.len(), now, &mut g), Err(Discard::PoolFull));
         assert_eq!(s.store().unwrap().len(), 1);
         assert!(s.store().unwrap().by_peer(other).is_none(), "store and gate agree");
         assert!(g.allowed.contains(&PEER));
-        assert_eq!(s.admit(other, now, &mut g), Err(Refusal::GateFull));
+        // Version 2: a session the gate has no room for is refused.
+        let mut s2 = server(true, Duration::from_secs(300));
+        let mut g0 = gate(0);
+        let a = server::Admit { seed: PEER, client: "alice", id: SID, keys: key_bytes(), resume: None, counter: 1 };
+        assert_eq!(s2.admit(a, now, &mut g0), Err(Refusal::GateFull));
+        assert!(s2.store().unwrap().is_empty());
+        assert_eq!(s2.counters().discards(Discard::PoolFull), 1);
     }
 
     #[test]
@@ -850,104 +1040,80 @@ mod tests {
         let mut s = server(false, Duration::from_secs(2));
         let mut g = gate(10);
         let seg = tcp_packet(CLIENT_TUN, SERVER_REAL)[20..].to_vec();
-        s.from_udp(PEER, &mut datagram(&seg), seg.len(), t0, &mut g).unwrap();
+        tun_range(s.from_udp(PEER, &mut datagram(&seg), seg.len(), t0, &mut g)).unwrap();
         // a datagram at 1.5 s refreshes the entry (version 1)
         let t1 = t0 + Duration::from_millis(1500);
-        s.from_udp(PEER, &mut datagram(&seg), seg.len(), t1, &mut g).unwrap();
+        tun_range(s.from_udp(PEER, &mut datagram(&seg), seg.len(), t1, &mut g)).unwrap();
         let mut gone = Vec::new();
         s.expire(t0 + Duration::from_millis(2500), &mut g, &mut gone);
         assert!(gone.is_empty(), "refreshed at 1.5 s, alive at 2.5 s");
         s.expire(t1 + Duration::from_secs(2), &mut g, &mut gone);
-        assert_eq!(gone.len(), 1);
+        let [Ended::Entry { entry, client: None }] = &gone[..] else { panic!("{gone:?}") };
         assert!(s.store().unwrap().is_empty());
         assert!(g.allowed.is_empty(), "gate entry removed with the store entry");
         assert_eq!(s.counters().traffic(Traffic::EntriesExpired), 1);
         // the server's traffic to the old address is now discarded
-        let mut reply = tcp_packet(SERVER_TUN, gone[0].addr);
+        let mut reply = tcp_packet(SERVER_TUN, entry.addr);
         assert_eq!(s.from_tun(&mut reply, t1 + Duration::from_secs(3)), Err(Discard::NoEntry));
     }
 
     #[test]
-    fn removed_peer_leaves_store_and_gate() {
+    fn sessions_expire_and_revoked_clients_go_with_their_gate_entries() {
         let now = Instant::now();
         let mut s = server(true, Duration::from_secs(300));
         let mut g = gate(10);
-        let addr = s.admit(PEER, now, &mut g).unwrap();
-        assert_eq!(s.remove_peer(PEER, &mut g).map(|e| e.addr), Some(addr));
-        assert!(g.allowed.is_empty());
-        assert!(s.store().unwrap().is_empty());
-        assert!(s.remove_peer(PEER, &mut g).is_none());
+        let addr = admit_and_bind(&mut s, PEER, now, &mut g);
+        let removed = s.remove_clients(|c| c == "alice", &mut g);
+        assert_eq!(removed.len(), 1);
+        assert_eq!((removed[0].0.addr, removed[0].1.as_str()), (addr, "alice"));
+        assert!(g.allowed.is_empty() && g.sessions.is_empty());
+        assert!(s.store().unwrap().is_empty() && s.server_sessions().unwrap().is_empty());
+        assert!(s.remove_entry(addr, &mut g).is_none());
+        // An unproven session lapses after its short life (10 s here).
+        let a = server::Admit { seed: PEER, client: "bob", id: SessionId([6; 8]), keys: key_bytes(), resume: None, counter: 1 };
+        s.admit(a, now, &mut g).unwrap();
+        let mut gone = Vec::new();
+        s.expire(now + Duration::from_secs(10), &mut g, &mut gone);
+        assert!(matches!(&gone[..], [Ended::Entry { client: Some(c), .. }] if c == "bob"));
+        assert!(g.sessions.is_empty());
     }
 
     #[test]
-    fn client_leases_gate_traffic_both_ways() {
+    fn client_sessions_gate_traffic_both_ways() {
         let t0 = Instant::now();
         let mut c = client(true);
         let mut g = gate(10);
         let mut pkt = tcp_packet(CLIENT_TUN, SERVER_REAL);
         assert_eq!(c.from_tun(&mut pkt, t0), Ok(FromTun::NeedAuth { server: SERVER_REAL }));
         let seg = tcp_packet(SERVER_REAL, CLIENT_TUN)[20..].to_vec();
-        let from_server = SocketAddrV4::new(SERVER_REAL, 12345);
-        assert_eq!(c.from_udp(from_server, &mut datagram(&seg), seg.len(), t0, &mut g), Err(Discard::Unauthenticated));
+        assert_eq!(c.from_udp(from_server(), &mut datagram(&seg), seg.len(), t0, &mut g), Err(Discard::Unauthenticated));
 
-        c.grant_lease(SERVER_REAL, Duration::from_secs(30), t0, &mut g).unwrap();
-        assert!(g.allowed.contains(&from_server));
+        let path = c.path_for(SERVER_REAL).unwrap();
+        let grant = client::Grant { server: SERVER_REAL, path, lease: Duration::from_secs(30), id: SID, keys: key_bytes(), bound: false, counter: 100, started: t0 };
+        c.grant(grant, t0, &mut g).unwrap();
+        assert!(g.allowed.contains(&from_server()));
+        // Not bound yet: packets still wait; the keepalive goes out.
+        assert_eq!(c.from_tun(&mut pkt, t0), Ok(FromTun::NeedAuth { server: SERVER_REAL }));
+        let mut due = Vec::new();
+        c.client_due(t0, &mut due);
+        assert!(matches!(due[..], [client::Action::Send { to, .. }] if to == from_server()));
+        assert_eq!(c.counters().traffic(Traffic::KeepalivesSent), 1);
+        // The server's ack binds the session.
+        let ack = from_srv(control_wire::Kind::Ack, 5, 101);
+        assert_eq!(c.from_udp(from_server(), &mut datagram(&ack), ack.len(), t0, &mut g), Ok(FromUdp::Control));
+        let done = c.control(from_server(), &ack, t0, &mut g, 0).unwrap();
+        assert_eq!(done.bound, Some(SERVER_REAL));
         assert!(matches!(c.from_tun(&mut pkt, t0), Ok(FromTun::Send { .. })));
-        let wrong_port = SocketAddrV4::new(SERVER_REAL, 999);
+        let wrong_port = SocketAddr::from((SERVER_REAL, 999));
         assert_eq!(c.from_udp(wrong_port, &mut datagram(&seg), seg.len(), t0, &mut g), Err(Discard::Unauthenticated));
-        assert!(c.from_udp(from_server, &mut datagram(&seg), seg.len(), t0, &mut g).is_ok());
-
-        // active lease: renewed after two thirds of its life
-        let t20 = t0 + Duration::from_secs(20);
-        assert!(matches!(c.from_tun(&mut tcp_packet(CLIENT_TUN, SERVER_REAL), t20), Ok(FromTun::Send { .. })));
-        assert!(c.from_udp(from_server, &mut datagram(&seg), seg.len(), t20, &mut g).is_ok());
-        assert!(c.leases_to_renew(t0 + Duration::from_secs(19)).is_empty());
-        assert_eq!(c.leases_to_renew(t0 + Duration::from_secs(21)), vec![SERVER_REAL]);
+        assert!(c.from_udp(from_server(), &mut datagram(&seg), seg.len(), t0, &mut g).is_ok());
         // lapsed lease: traffic needs authentication again, and the gate forgets the server
         let late = t0 + Duration::from_secs(31);
         let mut gone = Vec::new();
         c.expire(late, &mut g, &mut gone);
-        assert!(g.allowed.is_empty());
+        assert_eq!(gone, vec![Ended::Lease { server: SERVER_REAL }]);
+        assert!(g.allowed.is_empty() && g.sessions.is_empty());
         assert_eq!(c.from_tun(&mut tcp_packet(CLIENT_TUN, SERVER_REAL), late), Ok(FromTun::NeedAuth { server: SERVER_REAL }));
-    }
-
-    #[test]
-    fn a_silent_server_is_authenticated_again() {
-        let t0 = Instant::now();
-        let mut c = client(true);
-        let mut g = gate(10);
-        c.grant_lease(SERVER_REAL, Duration::from_secs(300), t0, &mut g).unwrap();
-        let from_server = SocketAddrV4::new(SERVER_REAL, 12345);
-        let seg = tcp_packet(SERVER_REAL, CLIENT_TUN)[20..].to_vec();
-        let send = |c: &mut Core, at| {
-            assert!(matches!(c.from_tun(&mut tcp_packet(CLIENT_TUN, SERVER_REAL), at), Ok(FromTun::Send { .. })));
-        };
-        // sending and hearing back: nothing to do
-        for s in 1..10 {
-            let at = t0 + Duration::from_secs(s);
-            send(&mut c, at);
-            c.from_udp(from_server, &mut datagram(&seg), seg.len(), at, &mut g).unwrap();
-            assert!(c.leases_to_renew(at).is_empty(), "at {s} s");
-        }
-        // the server goes quiet while we keep sending (it restarted)
-        send(&mut c, t0 + Duration::from_secs(11));
-        assert!(c.leases_to_renew(t0 + Duration::from_secs(11)).is_empty(), "2 s of silence is not enough");
-        send(&mut c, t0 + Duration::from_millis(12_100));
-        assert_eq!(c.leases_to_renew(t0 + Duration::from_millis(12_100)), vec![SERVER_REAL]);
-        // a fresh lease is not questioned at once
-        let t1 = t0 + Duration::from_secs(13);
-        c.grant_lease(SERVER_REAL, Duration::from_secs(300), t1, &mut g).unwrap();
-        send(&mut c, t1 + Duration::from_secs(1));
-        assert!(c.leases_to_renew(t1 + Duration::from_secs(1)).is_empty());
-    }
-
-    #[test]
-    fn idle_lease_is_not_renewed() {
-        let t0 = Instant::now();
-        let mut c = client(true);
-        let mut g = gate(10);
-        c.grant_lease(SERVER_REAL, Duration::from_secs(30), t0, &mut g).unwrap();
-        assert!(c.leases_to_renew(t0 + Duration::from_secs(25)).is_empty());
     }
 
     #[test]
@@ -955,7 +1121,7 @@ mod tests {
         let now = Instant::now();
         let mut c = client(false);
         let seg = tcp_packet(SERVER_REAL, CLIENT_TUN)[20..].to_vec();
-        let src = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 4000);
+        let src = SocketAddr::from((Ipv4Addr::new(203, 0, 113, 9), 4000));
         let r = c.from_udp(src, &mut datagram(&seg), seg.len(), now, &mut gate(0));
         assert!(r.is_ok());
     }

@@ -1,30 +1,44 @@
 //! The `connection_store` (SPEC "Version 1"/"Version 2", decisions 3 and 4):
-//! one entry per peer (real IPv4 saddr + UDP sport), each owning a generated
-//! IPv4 address from a [`Pool`], removed when not refreshed for `timeout`.
+//! entries that each own a generated IPv4 address from a [`Pool`] and, once
+//! known, the peer (real saddr + UDP sport, either family) whose datagrams
+//! stand for it; removed when not refreshed for `timeout`.
 //!
-//! Pure data: no I/O, and no clock — `now` is always an argument.
+//! Pure data: no I/O, and no clock: `now` is always an argument.
 //!
+//! - An entry is named by its generated address, which never changes while
+//!   it lives. Its peer may: in version 2 a session is bound to the peer its
+//!   datagrams come from, learned after authentication and moved when the
+//!   client's NAT rebinds ([`ConnectionStore::set_peer`]); until then the
+//!   entry holds its address without a peer ([`ConnectionStore::reserve`]).
+//!   In version 1 the first datagram of a peer creates its entry
+//!   ([`ConnectionStore::upsert`]).
 //! - Both per-packet lookups (by peer for a datagram in, by generated address
 //!   for a packet from the TUN) are one hash-map probe. The maps use std's
 //!   `RandomState` (SipHash-1-3 with a per-process random key): the peer is
 //!   chosen by whoever sends datagrams, so an unkeyed hasher would let a sender
-//!   degrade the maps; hashing 6 bytes with SipHash costs a few tens of ns per
-//!   packet, not worth another dependency.
-//! - A new peer's address starts at a slot picked by SipHash-2-4 (the
-//!   `siphasher` crate) of (saddr, sport) under the constructor's key (the daemon passes a random
-//!   one, so a remote sender cannot aim collisions; tests pass fixed keys) and
-//!   probes linearly to the next address that is neither excluded nor taken.
-//!   Memory is proportional to live entries, never to the pool (a /8 is 16M
-//!   addresses).
-//! - Expiry: an entry is due when `now - refreshed >= timeout`. A min-heap of
+//!   degrade the maps.
+//! - A new entry's address starts at a slot picked by SipHash-2-4 (the
+//!   `siphasher` crate) of a peer address (the datagram's source in version
+//!   1, the authentication's TCP source in version 2) under the
+//!   constructor's key (the daemon passes a random one, so a remote sender
+//!   cannot aim collisions; tests pass fixed keys) and probes linearly to the
+//!   next address that is neither excluded, taken nor in quarantine. Memory
+//!   is proportional to live and quarantined entries, never to the pool (a
+//!   /8 is 16M addresses).
+//! - Quarantine (decision 4): an address freed by an expired or removed entry
+//!   is not handed out again while another address is free, and then the
+//!   least recently freed first, so the server's stale TCP connections to it
+//!   are not delivered to a stranger.
+//! - Expiry: an entry is due at its deadline, `refreshed + timeout` (or the
+//!   shorter life [`ConnectionStore::reserve`] gives). A min-heap of
 //!   deadlines, with lazy updates, keeps `expire` and `next_expiry` cheap while
 //!   a refresh (every datagram in version 1) stays O(1) in the common case.
 //!   See [`ConnectionStore`] for the invariant.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// Why a [`Pool`] cannot be built.
@@ -152,16 +166,20 @@ impl fmt::Display for Pool {
     }
 }
 
-/// One peer and its generated address.
+/// One generated address, the peer standing behind it (if known yet), and
+/// when it was last refreshed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
-    /// Real IPv4 saddr and UDP sport of the peer.
-    pub peer: SocketAddrV4,
     /// The generated address standing for the peer on the TUN side.
     pub addr: Ipv4Addr,
-    /// The last refresh: a datagram (version 1) or a successful
-    /// (re-)authentication (version 2).
+    /// Real saddr and UDP sport of the peer; `None` for a session that has
+    /// not proven its UDP path yet.
+    pub peer: Option<SocketAddr>,
+    /// The last refresh: a datagram (version 1), a successful
+    /// (re-)authentication or a proof of the session (version 2).
     pub refreshed: Instant,
+    /// When it expires unless refreshed again; `None` past Instant's range.
+    pub deadline: Option<Instant>,
 }
 
 /// What [`ConnectionStore::upsert`] did.
@@ -181,40 +199,65 @@ impl Upsert {
     }
 }
 
+/// Why [`ConnectionStore::restore`] refused an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{0} is not an address of the pool")]
+    NotInPool(Ipv4Addr),
+    #[error("{0} is held by another entry")]
+    AddrTaken(Ipv4Addr),
+    #[error("peer {0} belongs to another entry")]
+    PeerTaken(SocketAddr),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     entry: Entry,
     /// Tells this entry's heap item from items left by an earlier entry of
-    /// the same peer that was removed.
+    /// the same address that was removed.
     seq: u64,
 }
 
-/// A heap item: (recorded deadline, seq, peer), earliest first.
-type Item = Reverse<(Instant, u64, SocketAddrV4)>;
+/// What the per-datagram lookup finds: the address, and when the peer was
+/// last heard (a session's current path is alive while it is heard).
+#[derive(Debug, Clone, Copy)]
+struct PeerSlot {
+    addr: Ipv4Addr,
+    heard: Instant,
+}
+
+/// A heap item: (recorded deadline, seq, address), earliest first.
+type Item = Reverse<(Instant, u64, Ipv4Addr)>;
+
+/// Freed addresses kept out of use: at most this many are remembered (the
+/// oldest then count as never used).
+pub const QUARANTINE_MAX: usize = 65_536;
 
 /// The `connection_store`.
 ///
-/// Expiry: an entry is due when `now - refreshed >= timeout`, i.e. when
-/// `now >= refreshed + timeout` (its deadline). Lookups do not check the
+/// Expiry: an entry is due when `now >= deadline`. Lookups do not check the
 /// deadline: entries leave only through [`expire`](Self::expire) or
 /// [`remove`](Self::remove), so the caller (which mirrors the store into a BPF
 /// map) sees every removal.
 ///
-/// Heap invariant: every live entry with a finite deadline has exactly one
-/// heap item with its `seq`, whose recorded deadline is `<=` the real one
-/// (refreshes only move deadlines later; the item is updated lazily). Items
-/// whose `seq` matches no live entry are garbage, dropped when they surface.
-/// The top item is always accurate (live, recorded == real), so it is the
-/// exact [`next_expiry`](Self::next_expiry).
+/// Heap invariant: every live entry with a deadline has exactly one heap item
+/// with its `seq`, whose recorded deadline is `<=` the real one (refreshes
+/// only move deadlines later; the item is updated lazily). Items whose `seq`
+/// matches no live entry are garbage, dropped when they surface. The top item
+/// is always accurate (live, recorded == real), so it is the exact
+/// [`next_expiry`](Self::next_expiry).
 #[derive(Debug)]
 pub struct ConnectionStore {
     pool: Pool,
     timeout: Duration,
     hash_key: u64,
-    by_peer: HashMap<SocketAddrV4, Slot>,
-    by_addr: HashMap<Ipv4Addr, SocketAddrV4>,
+    entries: HashMap<Ipv4Addr, Slot>,
+    by_peer: HashMap<SocketAddr, PeerSlot>,
     heap: BinaryHeap<Item>,
     next_seq: u64,
+    /// Freed addresses, least recently freed first, and the same as a set.
+    quarantine: VecDeque<Ipv4Addr>,
+    quarantined: HashSet<Ipv4Addr>,
 }
 
 impl ConnectionStore {
@@ -223,106 +266,221 @@ impl ConnectionStore {
             pool,
             timeout,
             hash_key,
+            entries: HashMap::new(),
             by_peer: HashMap::new(),
-            by_addr: HashMap::new(),
             heap: BinaryHeap::new(),
             next_seq: 0,
+            quarantine: VecDeque::new(),
+            quarantined: HashSet::new(),
         }
     }
 
-    /// Creates the peer's entry, or refreshes it (the address stays). A new
-    /// peer is refused with [`PoolFull`] when every address is held by a live
-    /// entry (no reuse, no eviction); entries past their deadline still hold
-    /// their address until [`expire`](Self::expire) removes them, so call that
-    /// first to free them.
+    /// Version 1: creates the peer's entry, or refreshes it (the address
+    /// stays). A new peer is refused with [`PoolFull`] when every address is
+    /// held by a live entry (no eviction); entries past their deadline still
+    /// hold their address until [`expire`](Self::expire) removes them, so call
+    /// that first to free them.
     ///
     /// `refreshed` never moves back: a `now` earlier than the last refresh
     /// leaves it unchanged.
-    pub fn upsert(&mut self, peer: SocketAddrV4, now: Instant) -> Result<Upsert, PoolFull> {
-        if let Some(slot) = self.by_peer.get_mut(&peer) {
-            if now > slot.entry.refreshed {
-                slot.entry.refreshed = now;
-            }
-            let (addr, seq) = (slot.entry.addr, slot.seq);
-            // Only the top item must be accurate; others catch up lazily.
-            if matches!(self.heap.peek(), Some(Reverse((_, s, _))) if *s == seq) {
-                self.settle();
-            }
+    pub fn upsert(&mut self, peer: SocketAddr, now: Instant) -> Result<Upsert, PoolFull> {
+        if let Some(p) = self.by_peer.get_mut(&peer) {
+            p.heard = p.heard.max(now);
+            let addr = p.addr;
+            self.refresh(addr, now);
             return Ok(Upsert::Refreshed(addr));
         }
-        if self.by_peer.len() >= usize::try_from(self.pool.capacity()).unwrap_or(usize::MAX) {
-            return Err(PoolFull);
-        }
-        let addr = self.free_addr(peer).ok_or(PoolFull)?;
-        let seq = self.next_seq;
-        self.next_seq = self.next_seq.wrapping_add(1);
-        let entry = Entry {
-            peer,
-            addr,
-            refreshed: now,
-        };
-        self.by_peer.insert(peer, Slot { entry, seq });
-        self.by_addr.insert(addr, peer);
-        if let Some(d) = self.deadline(now) {
-            // A new item is accurate; if it lands on top, the top stays accurate.
-            self.heap.push(Reverse((d, seq, peer)));
+        let addr = self.create(peer, now, self.timeout)?;
+        self.by_peer.insert(peer, PeerSlot { addr, heard: now });
+        if let Some(slot) = self.entries.get_mut(&addr) {
+            slot.entry.peer = Some(peer);
         }
         Ok(Upsert::Created(addr))
     }
 
+    /// Version 2: a new entry without a peer yet, living `life` unless
+    /// refreshed (a session that must prove its UDP path soon). Its address
+    /// is picked from `seed`'s slot (the authentication's TCP source).
+    pub fn reserve(&mut self, seed: SocketAddr, now: Instant, life: Duration) -> Result<Ipv4Addr, PoolFull> {
+        self.create(seed, now, life)
+    }
+
+    fn create(&mut self, seed: SocketAddr, now: Instant, life: Duration) -> Result<Ipv4Addr, PoolFull> {
+        if self.entries.len() >= usize::try_from(self.pool.capacity()).unwrap_or(usize::MAX) {
+            return Err(PoolFull);
+        }
+        let addr = self.free_addr(seed).ok_or(PoolFull)?;
+        self.insert(Entry { addr, peer: None, refreshed: now, deadline: now.checked_add(life) });
+        Ok(addr)
+    }
+
+    /// Puts back an entry saved by an earlier run (its deadline as saved).
+    pub fn restore(&mut self, addr: Ipv4Addr, peer: Option<SocketAddr>, refreshed: Instant, deadline: Instant) -> Result<(), RestoreError> {
+        if !self.pool.contains(addr) {
+            return Err(RestoreError::NotInPool(addr));
+        }
+        if self.entries.contains_key(&addr) {
+            return Err(RestoreError::AddrTaken(addr));
+        }
+        if let Some(p) = peer
+            && self.by_peer.contains_key(&p)
+        {
+            return Err(RestoreError::PeerTaken(p));
+        }
+        if self.quarantined.remove(&addr) {
+            self.quarantine.retain(|a| *a != addr);
+        }
+        self.insert(Entry { addr, peer, refreshed, deadline: Some(deadline) });
+        if let Some(p) = peer {
+            self.by_peer.insert(p, PeerSlot { addr, heard: refreshed });
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.entries.insert(entry.addr, Slot { entry, seq });
+        if let Some(d) = entry.deadline {
+            // A new item is accurate; if it lands on top, the top stays accurate.
+            self.heap.push(Reverse((d, seq, entry.addr)));
+        }
+    }
+
+    /// Binds the entry of `addr` to `peer` (a session proved a new path).
+    /// Returns the peer it had. A peer held by another entry is taken from
+    /// it (that entry is left without a peer: a NAT gave its old public port
+    /// to someone else, who proved it), and returned as the second value.
+    /// `None` if `addr` has no entry.
+    pub fn set_peer(&mut self, addr: Ipv4Addr, peer: SocketAddr, now: Instant) -> Option<(Option<SocketAddr>, Option<Ipv4Addr>)> {
+        let old = self.entries.get(&addr)?.entry.peer;
+        if old == Some(peer) {
+            return Some((old, None));
+        }
+        let robbed = match self.by_peer.insert(peer, PeerSlot { addr, heard: now }) {
+            Some(prev) if prev.addr != addr => {
+                if let Some(s) = self.entries.get_mut(&prev.addr) {
+                    s.entry.peer = None;
+                }
+                Some(prev.addr)
+            }
+            _ => None,
+        };
+        if let Some(o) = old {
+            self.by_peer.remove(&o);
+        }
+        if let Some(s) = self.entries.get_mut(&addr) {
+            s.entry.peer = Some(peer);
+        }
+        Some((old, robbed))
+    }
+
+    /// Moves the entry's deadline to `now + timeout` (never back). `false`
+    /// if `addr` has no entry.
+    pub fn refresh(&mut self, addr: Ipv4Addr, now: Instant) -> bool {
+        let timeout = self.timeout;
+        let Some(slot) = self.entries.get_mut(&addr) else { return false };
+        if now > slot.entry.refreshed {
+            slot.entry.refreshed = now;
+        }
+        let d = slot.entry.refreshed.checked_add(timeout);
+        slot.entry.deadline = match (slot.entry.deadline, d) {
+            (Some(old), Some(new)) => Some(old.max(new)),
+            (_, new) => new,
+        };
+        let seq = slot.seq;
+        // Only the top item must be accurate; others catch up lazily.
+        if matches!(self.heap.peek(), Some(Reverse((_, s, _))) if *s == seq) {
+            self.settle();
+        }
+        true
+    }
+
     /// The peer's generated address (no refresh).
-    pub fn by_peer(&self, peer: SocketAddrV4) -> Option<Ipv4Addr> {
-        self.by_peer.get(&peer).map(|s| s.entry.addr)
+    pub fn by_peer(&self, peer: SocketAddr) -> Option<Ipv4Addr> {
+        self.by_peer.get(&peer).map(|p| p.addr)
     }
 
-    /// The peer holding this generated address (no refresh).
-    pub fn by_addr(&self, addr: Ipv4Addr) -> Option<SocketAddrV4> {
-        self.by_addr.get(&addr).copied()
+    /// The peer's generated address, noting that it was heard at `now` (the
+    /// data path's lookup, once per GRO train).
+    pub fn heard(&mut self, peer: SocketAddr, now: Instant) -> Option<Ipv4Addr> {
+        let p = self.by_peer.get_mut(&peer)?;
+        if now > p.heard {
+            p.heard = now;
+        }
+        Some(p.addr)
     }
 
-    /// The peer's entry, if any (no refresh).
-    pub fn get(&self, peer: SocketAddrV4) -> Option<&Entry> {
-        self.by_peer.get(&peer).map(|s| &s.entry)
+    /// When a datagram of `peer` last came by [`heard`](Self::heard).
+    pub fn last_heard(&self, peer: SocketAddr) -> Option<Instant> {
+        self.by_peer.get(&peer).map(|p| p.heard)
     }
 
-    /// Removes the peer's entry now (e.g. a revoked credential); its address
-    /// is free at once.
-    pub fn remove(&mut self, peer: SocketAddrV4) -> Option<Entry> {
-        let slot = self.by_peer.remove(&peer)?;
-        self.by_addr.remove(&slot.entry.addr);
+    /// The peer holding this generated address (no refresh); `None` also for
+    /// an entry without a peer yet.
+    pub fn by_addr(&self, addr: Ipv4Addr) -> Option<SocketAddr> {
+        self.entries.get(&addr).and_then(|s| s.entry.peer)
+    }
+
+    /// The entry of this address, if any.
+    pub fn get(&self, addr: Ipv4Addr) -> Option<&Entry> {
+        self.entries.get(&addr).map(|s| &s.entry)
+    }
+
+    /// The entry of this peer, if any.
+    pub fn get_by_peer(&self, peer: SocketAddr) -> Option<&Entry> {
+        self.get(self.by_peer(peer)?)
+    }
+
+    /// Removes the entry of `addr` now (a revoked credential); its address
+    /// goes into quarantine.
+    pub fn remove(&mut self, addr: Ipv4Addr) -> Option<Entry> {
+        let slot = self.entries.remove(&addr)?;
+        if let Some(p) = slot.entry.peer {
+            self.by_peer.remove(&p);
+        }
+        self.free(addr);
         // Its heap item is garbage now; drop it if it is on top, and rebuild
         // when garbage outweighs live items so the heap stays O(entries).
         self.settle();
-        if self.heap.len() > self.by_peer.len().saturating_mul(2).saturating_add(64) {
+        if self.heap.len() > self.entries.len().saturating_mul(2).saturating_add(64) {
             self.rebuild_heap();
         }
         Some(slot.entry)
     }
 
-    /// Removes every entry due at `now` (`now - refreshed >= timeout`) and
-    /// appends them to `expired`, earliest deadline first. Returns at once
-    /// when nothing is due (one heap peek).
+    /// Removes the entry of `peer`, if any.
+    pub fn remove_peer(&mut self, peer: SocketAddr) -> Option<Entry> {
+        self.remove(self.by_peer(peer)?)
+    }
+
+    /// Removes every entry due at `now` and appends them to `expired`,
+    /// earliest deadline first. Returns at once when nothing is due (one heap
+    /// peek).
     pub fn expire(&mut self, now: Instant, expired: &mut Vec<Entry>) {
-        while let Some(&Reverse((recorded, seq, peer))) = self.heap.peek() {
+        while let Some(&Reverse((recorded, seq, addr))) = self.heap.peek() {
             if recorded > now {
                 break;
             }
             self.heap.pop();
-            let Some(slot) = self.by_peer.get(&peer).copied() else {
+            let Some(slot) = self.entries.get(&addr).copied() else {
                 continue; // garbage: the entry was removed
             };
             if slot.seq != seq {
-                continue; // garbage: left by an earlier entry of this peer
+                continue; // garbage: left by an earlier entry of this address
             }
-            match self.deadline(slot.entry.refreshed) {
+            match slot.entry.deadline {
                 Some(real) if real <= now => {
-                    self.by_peer.remove(&peer);
-                    self.by_addr.remove(&slot.entry.addr);
+                    self.entries.remove(&addr);
+                    if let Some(p) = slot.entry.peer {
+                        self.by_peer.remove(&p);
+                    }
+                    self.free(addr);
                     expired.push(slot.entry);
                 }
                 // Refreshed since the item was recorded: put it back at its
                 // real deadline (it may still be due and pop again).
-                Some(real) => self.heap.push(Reverse((real, seq, peer))),
+                Some(real) => self.heap.push(Reverse((real, seq, addr))),
                 None => {} // deadline beyond Instant's range: never expires
             }
         }
@@ -330,22 +488,21 @@ impl ConnectionStore {
     }
 
     /// The earliest instant at which [`expire`](Self::expire) will remove an
-    /// entry (that entry's `refreshed + timeout`), or `None` when no entry
-    /// can expire.
+    /// entry, or `None` when no entry can expire.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.heap.peek().map(|Reverse((d, _, _))| *d)
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &Entry> + '_ {
-        self.by_peer.values().map(|s| &s.entry)
+        self.entries.values().map(|s| &s.entry)
     }
 
     pub fn len(&self) -> usize {
-        self.by_peer.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_peer.is_empty()
+        self.entries.is_empty()
     }
 
     pub fn timeout(&self) -> Duration {
@@ -356,18 +513,44 @@ impl ConnectionStore {
         &self.pool
     }
 
-    /// `refreshed + timeout`, or `None` past Instant's range (never expires).
-    fn deadline(&self, refreshed: Instant) -> Option<Instant> {
-        refreshed.checked_add(self.timeout)
+    /// The quarantined addresses, least recently freed first.
+    pub fn quarantine(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.quarantine.iter().copied()
+    }
+
+    /// Puts addresses (least recently freed first) into quarantine, as an
+    /// earlier run left them. Addresses outside the pool or in use are
+    /// skipped.
+    pub fn restore_quarantine(&mut self, addrs: impl IntoIterator<Item = Ipv4Addr>) {
+        for a in addrs {
+            if self.pool.contains(a) && !self.entries.contains_key(&a) {
+                self.free(a);
+            }
+        }
+    }
+
+    fn free(&mut self, addr: Ipv4Addr) {
+        if self.quarantined.insert(addr) {
+            self.quarantine.push_back(addr);
+        } else {
+            // Freed again: it moves to the back (most recently freed).
+            self.quarantine.retain(|a| *a != addr);
+            self.quarantine.push_back(addr);
+        }
+        while self.quarantine.len() > QUARANTINE_MAX {
+            if let Some(old) = self.quarantine.pop_front() {
+                self.quarantined.remove(&old);
+            }
+        }
     }
 
     /// Restores "the top item is accurate": drops garbage and re-pushes
     /// stale items at their real deadline until the top is accurate. Each
     /// re-pushed item is accurate, so this ends.
     fn settle(&mut self) {
-        while let Some(&Reverse((recorded, seq, peer))) = self.heap.peek() {
-            let real = match self.by_peer.get(&peer) {
-                Some(slot) if slot.seq == seq => self.deadline(slot.entry.refreshed),
+        while let Some(&Reverse((recorded, seq, addr))) = self.heap.peek() {
+            let real = match self.entries.get(&addr) {
+                Some(slot) if slot.seq == seq => slot.entry.deadline,
                 _ => {
                     self.heap.pop();
                     continue;
@@ -378,48 +561,64 @@ impl ConnectionStore {
             }
             self.heap.pop();
             if let Some(real) = real {
-                self.heap.push(Reverse((real, seq, peer)));
+                self.heap.push(Reverse((real, seq, addr)));
             }
         }
     }
 
     fn rebuild_heap(&mut self) {
-        let timeout = self.timeout;
         self.heap = self
-            .by_peer
+            .entries
             .values()
-            .filter_map(|s| {
-                let d = s.entry.refreshed.checked_add(timeout)?;
-                Some(Reverse((d, s.seq, s.entry.peer)))
-            })
+            .filter_map(|s| Some(Reverse((s.entry.deadline?, s.seq, s.entry.addr))))
             .collect();
     }
 
-    /// The first address from the peer's keyed start slot that is neither
-    /// excluded nor taken. Among any `taken + excluded + 1` consecutive
-    /// addresses one is free, so the probe is bounded by the live entries,
-    /// not by the pool size; `None` only if the pool is full.
-    fn free_addr(&self, peer: SocketAddrV4) -> Option<Ipv4Addr> {
-        let start = self.start_offset(peer);
-        for i in 0..self.pool.span() {
+    /// The first address from the seed's keyed start slot that is neither
+    /// excluded, taken nor quarantined; failing that, the least recently
+    /// freed one. Among any `taken + excluded + quarantined + 1` consecutive
+    /// addresses one is free, so the probe is bounded by the entries, not by
+    /// the pool size; `None` only if the pool is full.
+    fn free_addr(&mut self, seed: SocketAddr) -> Option<Ipv4Addr> {
+        let start = self.start_offset(seed);
+        let bound = self.pool.span().min(
+            (self.entries.len() + self.pool.excluded.len() + self.quarantine.len()) as u64 + 1,
+        );
+        for i in 0..bound {
             // start < span <= 2^32 and i < 2^32: no overflow in u64.
-            let a = self.pool.at(start + i);
-            if !self.pool.is_excluded(a) && !self.by_addr.contains_key(&Ipv4Addr::from(a)) {
-                return Some(Ipv4Addr::from(a));
+            let a = Ipv4Addr::from(self.pool.at(start + i));
+            if !self.pool.is_excluded(u32::from(a)) && !self.entries.contains_key(&a) && !self.quarantined.contains(&a) {
+                return Some(a);
             }
         }
-        None
+        let a = self.quarantine.pop_front()?;
+        self.quarantined.remove(&a);
+        Some(a)
     }
 
-    /// Offset of the peer's first-choice address from the pool's first.
-    fn start_offset(&self, peer: SocketAddrV4) -> u64 {
-        let mut msg = [0u8; 6];
-        let (ip, port) = msg.split_at_mut(4);
-        ip.copy_from_slice(&peer.ip().octets());
-        port.copy_from_slice(&peer.port().to_be_bytes());
+    /// Offset of the seed's first-choice address from the pool's first.
+    fn start_offset(&self, seed: SocketAddr) -> u64 {
+        // The IPv4 form is the 6 bytes it always was, so addresses stay put
+        // for IPv4 peers; IPv6 peers hash their 18 bytes.
+        let mut v4 = [0u8; 6];
+        let mut v6 = [0u8; 18];
+        let msg: &[u8] = match seed {
+            SocketAddr::V4(s) => {
+                let (ip, port) = v4.split_at_mut(4);
+                ip.copy_from_slice(&s.ip().octets());
+                port.copy_from_slice(&s.port().to_be_bytes());
+                &v4
+            }
+            SocketAddr::V6(s) => {
+                let (ip, port) = v6.split_at_mut(16);
+                ip.copy_from_slice(&s.ip().octets());
+                port.copy_from_slice(&s.port().to_be_bytes());
+                &v6
+            }
+        };
         // Domain-separate k1 so the 64-bit key fills SipHash's 128-bit one.
         let k1 = self.hash_key.rotate_left(32) ^ 0x7564_702d_656e_6361; // "udp-enca"
-        siphash24(self.hash_key, k1, &msg) % self.pool.span()
+        siphash24(self.hash_key, k1, msg) % self.pool.span()
     }
 }
 
@@ -444,12 +643,9 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn peer(n: u32) -> SocketAddrV4 {
-        // Spread over addresses and ports, deterministic.
-        SocketAddrV4::new(
-            Ipv4Addr::from(0x0a00_0000 | (n >> 4)),
-            40000 + (n & 0xf) as u16,
-        )
+    fn peer(n: u32) -> SocketAddr {
+        // Spread over addresses and ports (198.18.0.0/15), deterministic.
+        SocketAddr::from((Ipv4Addr::from(0xc612_0000 | (n >> 4)), 40000 + (n & 0xf) as u16))
     }
 
     fn store(cidr: &str, prefix: u8, exclude: &[Ipv4Addr]) -> ConnectionStore {
@@ -463,16 +659,17 @@ mod tests {
     /// Checks that both maps describe the same bijection and that every
     /// address is a pool address; and the heap invariant on the top.
     fn check(s: &ConnectionStore) {
-        assert_eq!(s.by_peer.len(), s.by_addr.len());
+        assert_eq!(s.by_peer.len(), s.entries().filter(|e| e.peer.is_some()).count());
         for e in s.entries() {
-            assert_eq!(s.by_peer(e.peer), Some(e.addr));
-            assert_eq!(s.by_addr(e.addr), Some(e.peer));
+            if let Some(p) = e.peer {
+                assert_eq!(s.by_peer(p), Some(e.addr));
+            }
+            assert_eq!(s.by_addr(e.addr), e.peer);
             assert!(s.pool().contains(e.addr), "{} not in pool", e.addr);
+            assert!(!s.quarantined.contains(&e.addr), "{} live and quarantined", e.addr);
         }
-        let min = s
-            .entries()
-            .filter_map(|e| e.refreshed.checked_add(s.timeout()))
-            .min();
+        assert_eq!(s.quarantine.len(), s.quarantined.len());
+        let min = s.entries().filter_map(|e| e.deadline).min();
         assert_eq!(s.next_expiry(), min);
     }
 
@@ -646,10 +843,11 @@ mod tests {
         };
         assert_eq!(a2, next);
         check(&s);
-        // The first one's address follows the hash: after it leaves, it
-        // comes back to the same address.
-        s.remove(p1).unwrap();
-        assert_eq!(s.upsert(p1, base), Ok(Upsert::Created(a1)));
+        // After it leaves, its address waits in quarantine: the same peer
+        // coming back gets the next free one, not a1 (which another peer's
+        // stale connections may still name).
+        s.remove_peer(p1).unwrap();
+        assert_ne!(s.upsert(p1, base).unwrap().addr(), a1);
     }
 
     #[test]
@@ -662,7 +860,7 @@ mod tests {
             s.upsert(peer(n), base).unwrap();
         }
         let victim = peer(0);
-        let freed = s.remove(victim).unwrap().addr;
+        let freed = s.remove_peer(victim).unwrap().addr;
         // Any new peer gets the single free address, whatever its slot.
         assert_eq!(s.upsert(peer(100), base), Ok(Upsert::Created(freed)));
         check(&s);
@@ -684,7 +882,7 @@ mod tests {
         // Existing peers still refresh while full.
         assert_eq!(
             s.upsert(peer(0), later),
-            Ok(Upsert::Refreshed(before[&peer(0)].addr))
+            Ok(Upsert::Refreshed(before[&Some(peer(0))].addr))
         );
         // Even entries past their deadline hold their address until expire().
         let late = base + T + T;
@@ -716,13 +914,13 @@ mod tests {
         // Alive at base + 1000 s, far past the first deadline.
         assert_eq!(s.by_peer(peer(1)), Some(a));
         assert_eq!(
-            s.get(peer(1)).unwrap().refreshed,
+            s.get_by_peer(peer(1)).unwrap().refreshed,
             base + Duration::from_secs(1000)
         );
         // A `now` earlier than the last refresh never moves it back.
         s.upsert(peer(1), base).unwrap();
         assert_eq!(
-            s.get(peer(1)).unwrap().refreshed,
+            s.get_by_peer(peer(1)).unwrap().refreshed,
             base + Duration::from_secs(1000)
         );
     }
@@ -741,9 +939,10 @@ mod tests {
         assert_eq!(
             out,
             vec![Entry {
-                peer: peer(1),
+                peer: Some(peer(1)),
                 addr: a,
-                refreshed: base
+                refreshed: base,
+                deadline: Some(base + T),
             }]
         );
         assert!(s.is_empty());
@@ -752,23 +951,118 @@ mod tests {
     }
 
     #[test]
-    fn expired_address_is_reusable_by_anyone() {
-        let mut s = store("192.0.2.0", 30, &[]); // 2 addresses
+    fn freed_addresses_wait_in_quarantine_least_recently_freed_first() {
+        // Was `expired_address_is_reusable_by_anyone` (an expired address
+        // went straight to the next new peer). Now (SPEC decision 4, issue
+        // 14 item 11) it is handed out only when no other address is free.
+        // A /29 less two excluded: 4 addresses.
+        let mut s = store("192.0.2.0", 29, &[ip("192.0.2.1"), ip("192.0.2.4")]);
         let base = Instant::now();
         let a = s.upsert(peer(1), base).unwrap().addr();
-        let b = s
-            .upsert(peer(2), base + Duration::from_secs(1))
-            .unwrap()
-            .addr();
-        assert_eq!(s.upsert(peer(3), base), Err(PoolFull));
+        let b = s.upsert(peer(2), base + Duration::from_secs(1)).unwrap().addr();
         let mut out = Vec::new();
         s.expire(base + T, &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].addr, a);
-        assert_eq!(s.upsert(peer(3), base + T), Ok(Upsert::Created(a)));
-        assert_eq!(s.by_addr(a), Some(peer(3)));
-        assert_eq!(s.by_addr(b), Some(peer(2)));
+        assert_eq!(out.iter().map(|e| e.addr).collect::<Vec<_>>(), vec![a]);
+        assert_eq!(s.quarantine().collect::<Vec<_>>(), vec![a]);
+        // The two never-used addresses go first, whatever the slots say.
+        let c = s.upsert(peer(3), base + T).unwrap().addr();
+        let d = s.upsert(peer(4), base + T).unwrap().addr();
+        assert!(![a, b].contains(&c) && ![a, b, c].contains(&d));
         check(&s);
+        // Only `a` is left: the pool is not refused while it waits.
+        assert_eq!(s.upsert(peer(5), base + T), Ok(Upsert::Created(a)));
+        assert_eq!(s.quarantine().count(), 0);
+        // Two freed in turn come back in the order they were freed.
+        s.remove(d).unwrap();
+        s.remove(b).unwrap();
+        assert_eq!(s.quarantine().collect::<Vec<_>>(), vec![d, b]);
+        assert_eq!(s.upsert(peer(6), base + T), Ok(Upsert::Created(d)));
+        assert_eq!(s.upsert(peer(7), base + T), Ok(Upsert::Created(b)));
+        assert_eq!(s.upsert(peer(8), base + T), Err(PoolFull));
+        check(&s);
+    }
+
+    #[test]
+    fn quarantine_is_bounded_and_restorable() {
+        let mut s = store("198.18.0.0", 15, &[]);
+        let base = Instant::now();
+        let first = s.upsert(peer(0), base).unwrap().addr();
+        s.remove(first).unwrap();
+        for n in 1..=QUARANTINE_MAX as u32 {
+            let a = s.upsert(peer(n), base).unwrap().addr();
+            s.remove(a).unwrap();
+        }
+        assert_eq!(s.quarantine().count(), QUARANTINE_MAX);
+        assert!(!s.quarantined.contains(&first), "the oldest left the quarantine");
+        check(&s);
+        // A new run takes over the list; addresses outside the pool are dropped.
+        let list: Vec<_> = s.quarantine().take(3).collect();
+        let mut t = store("198.18.0.0", 15, &[]);
+        t.restore_quarantine(list.iter().copied().chain([ip("203.0.113.1")]));
+        assert_eq!(t.quarantine().collect::<Vec<_>>(), list);
+    }
+
+    #[test]
+    fn reserved_entries_get_their_peer_later_and_can_move() {
+        let mut s = store("198.18.0.0", 24, &[ip("198.18.0.1")]);
+        let base = Instant::now();
+        let tcp = peer(1);
+        let a = s.reserve(tcp, base, Duration::from_secs(10)).unwrap();
+        assert_eq!(s.by_addr(a), None, "no peer until the session proves one");
+        assert_eq!(s.by_peer(tcp), None, "the TCP source is only the seed");
+        assert_eq!(s.next_expiry(), Some(base + Duration::from_secs(10)));
+        check(&s);
+        // The session proves its UDP path (a NAT that maps UDP apart).
+        let udp = peer(2);
+        assert_eq!(s.set_peer(a, udp, base), Some((None, None)));
+        assert_eq!((s.by_addr(a), s.by_peer(udp)), (Some(udp), Some(a)));
+        assert!(s.refresh(a, base + Duration::from_secs(1)));
+        assert_eq!(s.next_expiry(), Some(base + Duration::from_secs(1) + T));
+        // NAT rebinding: the same entry, the same address, a new peer.
+        let moved = SocketAddr::from((Ipv4Addr::new(198, 18, 9, 9), 50_001));
+        assert_eq!(s.set_peer(a, moved, base), Some((Some(udp), None)));
+        assert_eq!((s.by_peer(udp), s.by_peer(moved)), (None, Some(a)));
+        check(&s);
+        // Another entry proves a peer this one holds: it takes it over.
+        let b = s.reserve(peer(3), base, Duration::from_secs(10)).unwrap();
+        assert_eq!(s.set_peer(b, moved, base), Some((None, Some(a))));
+        assert_eq!((s.by_addr(a), s.by_addr(b)), (None, Some(moved)));
+        check(&s);
+        assert_eq!(s.set_peer(ip("198.18.0.99"), udp, base), None);
+        // heard() is the data path's lookup; it remembers when.
+        let later = base + Duration::from_secs(5);
+        assert_eq!(s.heard(moved, later), Some(b));
+        assert_eq!(s.last_heard(moved), Some(later));
+        assert_eq!(s.heard(udp, later), None);
+        // A reserved entry lives its short life unless refreshed: b took
+        // the peer but was never refreshed, a was.
+        let mut out = Vec::new();
+        s.expire(base + Duration::from_secs(10), &mut out);
+        assert_eq!(out.iter().map(|e| (e.addr, e.peer)).collect::<Vec<_>>(), vec![(b, Some(moved))]);
+        assert_eq!(s.by_peer(moved), None);
+        assert!(s.get(a).is_some());
+        check(&s);
+    }
+
+    #[test]
+    fn ipv6_peers_and_restore() {
+        let mut s = store("198.18.0.0", 24, &[ip("198.18.0.1")]);
+        let base = Instant::now();
+        let v6: SocketAddr = "[2001:db8::7]:40000".parse().unwrap();
+        let a = s.upsert(v6, base).unwrap().addr();
+        assert_eq!(s.by_peer(v6), Some(a));
+        assert_eq!(s.by_addr(a), Some(v6));
+        // A restart puts entries back with their addresses and deadlines.
+        let mut t = store("198.18.0.0", 24, &[ip("198.18.0.1")]);
+        let dl = base + Duration::from_secs(60);
+        assert_eq!(t.restore(a, Some(v6), base, dl), Ok(()));
+        assert_eq!(t.restore(a, None, base, dl), Err(RestoreError::AddrTaken(a)));
+        assert_eq!(t.restore(ip("198.18.0.7"), Some(v6), base, dl), Err(RestoreError::PeerTaken(v6)));
+        assert_eq!(t.restore(ip("203.0.113.1"), None, base, dl), Err(RestoreError::NotInPool(ip("203.0.113.1"))));
+        assert_eq!(t.restore(ip("198.18.0.1"), None, base, dl), Err(RestoreError::NotInPool(ip("198.18.0.1"))));
+        assert_eq!(t.by_peer(v6), Some(a));
+        assert_eq!(t.next_expiry(), Some(dl));
+        check(&t);
     }
 
     #[test]
@@ -788,7 +1082,7 @@ mod tests {
         s.upsert(peer(3), at(50)).unwrap();
         assert_eq!(s.next_expiry(), Some(at(20) + T));
         // Removing the earliest moves it too.
-        s.remove(peer(2)).unwrap();
+        s.remove_peer(peer(2)).unwrap();
         assert_eq!(s.next_expiry(), Some(at(40) + T));
         // Nothing due before next_expiry; the entry due at it goes.
         let mut out = Vec::new();
@@ -797,7 +1091,7 @@ mod tests {
         s.expire(s.next_expiry().unwrap(), &mut out);
         assert_eq!(
             out.iter().map(|e| e.peer).collect::<Vec<_>>(),
-            vec![peer(1)]
+            vec![Some(peer(1))]
         );
         assert_eq!(s.next_expiry(), Some(at(50) + T));
         check(&s);
@@ -829,7 +1123,7 @@ mod tests {
         let base = Instant::now();
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut out = Vec::new();
-        let mut addr_of: HashMap<SocketAddrV4, Ipv4Addr> = HashMap::new();
+        let mut addr_of: HashMap<SocketAddr, Ipv4Addr> = HashMap::new();
         for step in 0..20_000u64 {
             x ^= x << 13;
             x ^= x >> 7;
@@ -838,7 +1132,7 @@ mod tests {
             let p = peer((x % 60) as u32);
             match (x >> 32) % 10 {
                 0 => {
-                    let r = s.remove(p);
+                    let r = s.remove_peer(p);
                     assert_eq!(r.map(|e| e.addr), addr_of.remove(&p));
                 }
                 1 => {
@@ -846,7 +1140,8 @@ mod tests {
                     s.expire(now, &mut out);
                     for e in &out {
                         assert!(now.duration_since(e.refreshed) >= T);
-                        assert_eq!(addr_of.remove(&e.peer), Some(e.addr));
+                        assert!(s.by_peer(e.peer.unwrap()).is_none());
+                        assert_eq!(addr_of.remove(&e.peer.unwrap()), Some(e.addr));
                     }
                     assert!(s.entries().all(|e| now.duration_since(e.refreshed) < T));
                 }

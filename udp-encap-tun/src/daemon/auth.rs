@@ -1,8 +1,16 @@
-//! Authentication as the daemon's loop sees it: the glue between the TLS
-//! edge ([`crate::auth`]) and the core's entries and leases.
+//! Authentication and sessions as the daemon's loop sees them: the glue
+//! between the TLS edge ([`crate::auth`]), the core's sessions and the
+//! queue of packets waiting for them.
+//!
+//! Server: the TLS listener runs in its own task and asks the loop, through
+//! `requests`, to admit each client that proved its credential; the loop
+//! creates the session (and its gate entry) before the client hears yes.
+//! Client: authentications run in their own tasks (a bounded number at
+//! once, [`AuthQueue`]) and report to the loop through `done`; packets wait
+//! until the session's UDP path is bound.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,10 +18,12 @@ use anyhow::{Result, anyhow};
 use tokio::sync::mpsc;
 
 use super::gate::Gate;
+use super::state;
 use crate::auth;
 use crate::cli::RunArgs;
-use crate::core::Core;
 use crate::core::authq::{AuthQueue, Enqueued};
+use crate::core::session::{SessionId, client, server};
+use crate::core::{Core, Refusal};
 use crate::counters::{Counters, Discard};
 
 /// Waits on an optional channel: never ready when there is none.
@@ -24,23 +34,19 @@ pub async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     }
 }
 
-pub type AuthDone = (Ipv4Addr, Instant, Result<auth::Lease, auth::AuthError>);
+/// A finished client authentication: the server, when it started, the result.
+pub struct AuthDone {
+    server: Ipv4Addr,
+    started: Instant,
+    result: Result<auth::Lease, auth::AuthError>,
+}
 
-/// Authentication as the daemon's loop sees it.
-///
-/// Server: the TLS listener runs in its own task and asks the loop, through
-/// `requests`, to admit each client that proved its credential; the loop
-/// creates the entry (and the XDP map entry) before the client hears yes.
-/// Client: authentications run in their own tasks, one per server at a time,
-/// and report to the loop through `done`; packets wait in [`AuthQueue`].
 pub struct Auth {
     pub requests: Option<mpsc::Receiver<auth::AuthRequest>>,
     pub done: Option<mpsc::Receiver<AuthDone>>,
     done_tx: Option<mpsc::Sender<AuthDone>>,
     server: Option<(auth::AuthServerHandle, tokio::task::JoinHandle<()>)>,
     client: Option<Arc<auth::AuthClient>>,
-    /// Server: which client id each entry belongs to (revocation).
-    pub owners: HashMap<SocketAddrV4, String>,
     queue: AuthQueue,
     last_reload_check: Option<Instant>,
 }
@@ -53,7 +59,6 @@ impl Auth {
             done_tx: None,
             server: None,
             client: None,
-            owners: HashMap::new(),
             queue: AuthQueue::default(),
             last_reload_check: None,
         };
@@ -88,56 +93,85 @@ impl Auth {
         Ok(a)
     }
 
-    /// Server: a client proved its credential; create or refresh its entry.
-    pub fn admit(&mut self, req: auth::AuthRequest, core: &mut Core, gate: &mut Gate, counters: &Counters, lease: Duration) {
-        let answer = match core.admit(req.peer, Instant::now(), gate) {
-            Ok(addr) => {
-                log::info!("client {} authenticated from {} -> {addr}", req.client_id, req.peer);
-                self.owners.insert(req.peer, req.client_id);
-                Ok(auth::Granted { addr, lease })
-            }
-            Err(_) => {
-                counters.discard(Discard::PoolFull);
-                Err(auth::Refused::PoolFull)
-            }
+    /// Server: a client proved its credential; a session for it, or its
+    /// earlier one taken over. Returns whether the state changed.
+    pub fn admit(&mut self, req: auth::AuthRequest, core: &mut Core, gate: &mut Gate, lease: Duration) -> bool {
+        let a = server::Admit {
+            seed: req.peer,
+            client: &req.client_id,
+            id: req.session,
+            keys: req.keys,
+            resume: req.resume,
+            counter: state::counter_start(),
         };
+        let answer = match core.admit(a, Instant::now(), gate) {
+            Ok(adm) => Ok(auth::Granted { addr: adm.addr, lease, bound: adm.bound }),
+            Err(Refusal::ClientLimit) => Err(auth::Refused::ClientLimit),
+            Err(Refusal::PoolFull | Refusal::GateFull) => Err(auth::Refused::PoolFull),
+            Err(Refusal::Unavailable) => Err(auth::Refused::Unavailable),
+        };
+        let ok = answer.is_ok();
         // The client may have gone (deadline): nothing to do then.
         let _ = req.reply.send(answer);
+        ok
     }
 
-    /// Client: packets for servers without a lease.
-    pub fn enqueue(&mut self, pkts: &mut Vec<(Ipv4Addr, Vec<u8>)>, counters: &Counters) {
+    /// Client: packets for servers without a bound session.
+    pub fn enqueue(&mut self, pkts: &mut Vec<(Ipv4Addr, Vec<u8>)>, core: &Core, counters: &Counters) {
         let now = Instant::now();
         for (server, pkt) in pkts.drain(..) {
             match self.queue.enqueue(server, &pkt, now) {
-                Enqueued::StartAuth => self.spawn(server),
+                Enqueued::StartAuth => self.spawn(server, core, None),
                 Enqueued::Waiting => {}
                 Enqueued::Dropped => counters.discard(Discard::AuthQueue),
+                Enqueued::Busy => counters.discard(Discard::AuthBusy),
             }
         }
     }
 
-    fn spawn(&self, server: Ipv4Addr) {
-        let (Some(client), Some(tx)) = (self.client.clone(), self.done_tx.clone()) else { return };
+    fn spawn(&self, server: Ipv4Addr, core: &Core, resume: Option<SessionId>) {
+        let (Some(client), Some(tx), Some(dest)) = (self.client.clone(), self.done_tx.clone(), core.path_for(server)) else {
+            return;
+        };
         tokio::spawn(async move {
             let started = Instant::now();
-            let r = client.authenticate(server).await;
-            let _ = tx.send((server, started, r)).await;
+            let result = client.authenticate_at(dest, resume).await;
+            let _ = tx.send(AuthDone { server, started, result }).await;
         });
     }
 
-    /// Client: an authentication ended; the packets to send now.
-    pub fn finished(&mut self, done: AuthDone, core: &mut Core, gate: &mut Gate, counters: &Counters) -> VecDeque<Vec<u8>> {
-        let (server, started, result) = done;
-        match result {
+    /// Client: an authentication ended; the packets to send now (those that
+    /// waited, if the server kept our path; otherwise they go once the
+    /// path is proven, see [`Auth::bound`]). Returns whether the state
+    /// changed.
+    pub fn finished(&mut self, done: AuthDone, core: &mut Core, gate: &mut Gate, counters: &Counters) -> (VecDeque<Vec<u8>>, bool) {
+        let AuthDone { server, started, result } = done;
+        let flush = match result {
             Ok(lease) => {
-                // The server's entry lives `duration` from when it answered,
-                // which is after `started`: counting from `started` ends our
-                // lease a little before the server's.
-                match core.grant_lease(server, lease.duration, started, gate) {
+                let Some(path) = core.path_for(server) else { return (VecDeque::new(), false) };
+                let g = client::Grant {
+                    server,
+                    path,
+                    lease: lease.duration,
+                    id: lease.session,
+                    keys: lease.keys,
+                    bound: lease.bound,
+                    counter: state::counter_start(),
+                    // The server's entry lives `duration` from when it
+                    // answered, which is after `started`: counting from
+                    // `started` ends our lease a little before the server's.
+                    started,
+                };
+                match core.grant(g, Instant::now(), gate) {
                     Ok(()) => {
-                        log::info!("authenticated with {server}: lease {:?}, our address there {}", lease.duration, lease.addr);
-                        self.queue.succeeded(server)
+                        log::info!(
+                            "authenticated with {server} at {path}: session {}, lease {:?}, our address there {}{}",
+                            lease.session,
+                            lease.duration,
+                            lease.addr,
+                            if lease.bound { ", the earlier session resumed" } else { "; proving our UDP path" }
+                        );
+                        if lease.bound { self.queue.succeeded(server) } else { VecDeque::new() }
                     }
                     Err(_) => {
                         log::warn!("authenticated with {server} but the XDP map is full (raise --xdp-map-size)");
@@ -151,72 +185,114 @@ impl Auth {
                 counters.discard(Discard::AuthFailure);
                 let n = self.queue.failed(server, Instant::now());
                 counters.discard_n(Discard::AuthQueue, n as u64);
+                core.reauth_failed(server);
                 log::warn!("authentication with {server} failed ({n} waiting packets dropped): {e}");
                 VecDeque::new()
             }
+        };
+        self.start_waiting(core);
+        (flush, true)
+    }
+
+    /// Client: the session with `server` is bound; the packets that waited.
+    pub fn bound(&mut self, server: Ipv4Addr, core: &Core) -> VecDeque<Vec<u8>> {
+        log::info!("session with {server}: UDP path proven");
+        let flush = self.queue.succeeded(server);
+        self.start_waiting(core);
+        flush
+    }
+
+    /// Starts the authentications that waited for a free slot.
+    fn start_waiting(&mut self, core: &Core) {
+        for s in self.queue.start_waiting() {
+            self.spawn(s, core, None);
         }
     }
 
-    /// Timers: client renewals; server reload of a changed client list.
-    pub fn tick(&mut self, now: Instant, core: &mut Core, gate: &mut Gate) {
-        if self.client.is_some() {
-            for server in core.leases_to_renew(now) {
-                if self.queue.start_renewal(server, now) {
-                    log::debug!("renewing the lease with {server}");
-                    self.spawn(server);
-                }
-            }
-            self.queue.prune(now);
-        }
-        if self.server.is_some() && self.last_reload_check.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
-            self.last_reload_check = Some(now);
-            if let Some((h, _)) = &self.server {
-                match h.reload_if_changed() {
-                    Ok(Some(n)) => {
-                        log::info!("client list changed: {n} clients");
-                        self.drop_revoked(core, gate);
+    /// Client: what the session timers asked for, except the datagrams to
+    /// send (returned for the caller to send).
+    pub fn client_actions(
+        &mut self,
+        actions: &mut Vec<client::Action>,
+        core: &mut Core,
+        gate: &mut Gate,
+        counters: &Counters,
+        now: Instant,
+    ) -> Vec<(std::net::SocketAddr, [u8; crate::core::session::wire::LEN])> {
+        let mut sends = Vec::new();
+        for a in actions.drain(..) {
+            match a {
+                client::Action::Send { to, bytes } => sends.push((to, bytes)),
+                client::Action::Reauth { server, resume } => {
+                    if self.queue.start_renewal(server, now) {
+                        log::info!("authenticating with {server} again (session {resume}: {})", why_reauth(core, server));
+                        self.spawn(server, core, Some(resume));
+                    } else {
+                        core.reauth_failed(server);
                     }
-                    Ok(None) => {}
-                    Err(e) => log::error!("client list unreadable, keeping the old one: {e}"),
+                }
+                client::Action::GaveUp { server } => {
+                    core.forget_server(server, gate);
+                    let n = self.queue.failed(server, now);
+                    counters.discard_n(Discard::AuthQueue, n as u64);
+                    log::warn!(
+                        "session with {server}: no answer to our path proof within {:?} ({n} waiting packets dropped); \
+                         is UDP port {} reachable on the server, and does a firewall let its answers back?",
+                        client::BIND_GIVE_UP,
+                        core.path_for(server).map_or(0, |p| p.port())
+                    );
+                    self.start_waiting(core);
                 }
             }
         }
+        self.queue.prune(now);
+        sends
+    }
+
+    /// Server: reloads a changed client list (once a second). Returns
+    /// whether entries were removed.
+    pub fn tick(&mut self, now: Instant, core: &mut Core, gate: &mut Gate) -> bool {
+        let due = self.last_reload_check.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+        let Some((h, _)) = &self.server else { return false };
+        if !due {
+            return false;
+        }
+        self.last_reload_check = Some(now);
+        match h.reload_if_changed() {
+            Ok(Some(n)) => log::info!("client list changed: {n} clients"),
+            Ok(None) => {}
+            Err(e) => log::error!("client list unreadable, keeping the old one: {e}"),
+        }
+        // Whoever reloaded the list (this tick or a hello in between), the
+        // sessions of clients no longer in it go now.
+        self.drop_revoked(core, gate)
     }
 
     /// SIGHUP: re-read the client list now.
-    pub fn reload(&mut self, core: &mut Core, gate: &mut Gate) {
+    pub fn reload(&mut self, core: &mut Core, gate: &mut Gate) -> bool {
         let Some((h, _)) = &self.server else {
             log::info!("SIGHUP: nothing to reload in this mode");
-            return;
+            return false;
         };
         match h.reload() {
-            Ok(n) => {
-                log::info!("SIGHUP: client list reloaded, {n} clients");
-                self.drop_revoked(core, gate);
-            }
+            Ok(n) => log::info!("SIGHUP: client list reloaded, {n} clients"),
             Err(e) => log::error!("SIGHUP: client list unreadable, keeping the old one: {e}"),
         }
+        self.drop_revoked(core, gate)
     }
 
-    /// Removes at once the entries of clients no longer in the list.
-    fn drop_revoked(&mut self, core: &mut Core, gate: &mut Gate) {
-        let Some((h, _)) = &self.server else { return };
-        let revoked: Vec<_> = self
-            .owners
-            .iter()
-            .filter(|(_, id)| !h.is_known_client(id))
-            .map(|(p, id)| (*p, id.clone()))
-            .collect();
-        for (peer, id) in revoked {
-            self.owners.remove(&peer);
-            if let Some(e) = core.remove_peer(peer, gate) {
-                log::info!("client {id} revoked: entry {peer} -> {} removed", e.addr);
+    /// Removes at once the sessions of clients no longer in the list.
+    fn drop_revoked(&mut self, core: &mut Core, gate: &mut Gate) -> bool {
+        let Some((h, _)) = &self.server else { return false };
+        let list = h.clients();
+        let removed = core.remove_clients(|id| !list.contains(id), gate);
+        for (e, id) in &removed {
+            match e.peer {
+                Some(p) => log::info!("client {id} revoked: entry {p} -> {} removed", e.addr),
+                None => log::info!("client {id} revoked: session for {} removed", e.addr),
             }
         }
-    }
-
-    pub fn forget(&mut self, peer: SocketAddrV4) {
-        self.owners.remove(&peer);
+        !removed.is_empty()
     }
 
     pub fn stats(&self) -> Option<Arc<auth::AuthStats>> {
@@ -234,3 +310,10 @@ impl Auth {
     }
 }
 
+/// Why the session timers want a new authentication (for the log).
+fn why_reauth(core: &Core, server: Ipv4Addr) -> &'static str {
+    match core.client_sessions().and_then(|s| s.get(server)) {
+        Some(s) if s.unanswered >= client::UNANSWERED => "the server stopped answering",
+        _ => "renewing the lease",
+    }
+}

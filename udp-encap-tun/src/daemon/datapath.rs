@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +16,8 @@ use anyhow::{Context, Result};
 
 use super::gate::Gate;
 use crate::core::ratelog::RateLimitedLog;
-use crate::core::{Core, FromTun, FromTunSuper, HEADROOM, gro, tso, wire};
+use crate::core::session::wire::LEN as CONTROL_LEN;
+use crate::core::{Core, FromTun, FromTunSuper, FromUdp, HEADROOM, gro, tso, wire};
 use crate::counters::{Counters, Discard, Traffic};
 use crate::edge::batch::{self, BatchUdp};
 
@@ -58,6 +59,9 @@ pub struct DataPath {
     io_log: RateLimitedLog,
     /// Client: packets for servers without a lease, handed to [`Auth`].
     pub need_auth: Vec<(Ipv4Addr, Vec<u8>)>,
+    /// Control datagrams received, handed to the loop (rare: keepalives).
+    pub controls: Vec<(SocketAddr, [u8; CONTROL_LEN])>,
+    control_ranges: Vec<std::ops::Range<usize>>,
 }
 
 impl DataPath {
@@ -75,6 +79,8 @@ impl DataPath {
             headers: [0; gro::RUN_HEADER_LEN],
             io_log: RateLimitedLog::default(),
             need_auth: Vec::new(),
+            controls: Vec::new(),
+            control_ranges: Vec::new(),
         }
     }
 
@@ -145,6 +151,16 @@ impl DataPath {
         Ok(TUN_READS_PER_WAKE)
     }
 
+    /// Sends one control datagram (a keepalive, an answer, a challenge).
+    /// Counted by the core under its own counters, not as data; a failure
+    /// under `discard_io_error`.
+    pub async fn send_control(&mut self, udp: &BatchUdp, to: SocketAddr, bytes: &[u8; CONTROL_LEN]) {
+        if let Err(e) = udp.send(to, &[IoSlice::new(bytes)], 1).await {
+            self.counters.discard(Discard::IoError);
+            self.io_log.log(Instant::now(), || format!("sending a control datagram to {to}: {e}"));
+        }
+    }
+
     /// Client: packets that waited for authentication, now that it is done.
     pub async fn send_queued(&mut self, queued: VecDeque<Vec<u8>>, udp: &BatchUdp, core: &mut Core) {
         let now = Instant::now();
@@ -187,9 +203,14 @@ impl DataPath {
             let Some(train) = self.udp_read.get_mut(..r.len) else { continue };
             // 1. Check and rewrite each datagram in place.
             self.accepted.clear();
-            let Some(src) = core.accept_train(r.src, train, r.stride, now, gate, &mut self.accepted) else {
-                continue;
-            };
+            self.control_ranges.clear();
+            let src = core.accept_train(r.src, train, r.stride, now, gate, &mut self.accepted, &mut self.control_ranges);
+            for c in &self.control_ranges {
+                if let Some(b) = train.get(c.clone()).and_then(|b| <[u8; CONTROL_LEN]>::try_from(b).ok()) {
+                    self.controls.push((r.src, b));
+                }
+            }
+            let Some(src) = src else { continue };
             // 2. Find where the runs end (a train holds at most MAX_RUN
             //    datagrams; more would be cut into chunks), then write them:
             //    the writes need the train mutably, the search only to read.
@@ -241,9 +262,17 @@ impl DataPath {
                 out.resize(HEADROOM, 0);
                 out.extend_from_slice(dgram);
                 // A discard is counted by the core.
-                if let Ok(range) = core.from_udp(r.src, out, dgram.len(), now, gate) {
-                    out.truncate(range.end);
-                    ready += 1;
+                match core.from_udp(r.src, out, dgram.len(), now, gate) {
+                    Ok(FromUdp::Tun(range)) => {
+                        out.truncate(range.end);
+                        ready += 1;
+                    }
+                    Ok(FromUdp::Control) => {
+                        if let Ok(b) = <[u8; CONTROL_LEN]>::try_from(dgram) {
+                            self.controls.push((r.src, b));
+                        }
+                    }
+                    Err(_) => {}
                 }
             }
         }
@@ -274,7 +303,7 @@ struct Out<'a> {
 
 impl Out<'_> {
     /// Counts the outcome of a send of `count` datagrams, `bytes` in all.
-    fn sent(&mut self, r: io::Result<usize>, to: SocketAddrV4, count: usize, bytes: usize, now: Instant) {
+    fn sent(&mut self, r: io::Result<usize>, to: SocketAddr, count: usize, bytes: usize, now: Instant) {
         match r {
             Ok(calls) => {
                 self.counters.add(Traffic::UdpSendCalls, calls as u64);
@@ -293,7 +322,7 @@ impl Out<'_> {
     async fn send_pairs<'p>(
         &mut self,
         udp: &BatchUdp,
-        to: SocketAddrV4,
+        to: SocketAddr,
         mut parts: impl Iterator<Item = (&'p [u8], &'p [u8])>,
         per_send: usize,
         now: Instant,

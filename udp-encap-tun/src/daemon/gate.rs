@@ -1,11 +1,12 @@
 //! The peer gate in front of the socket, as the core sees it
 //! ([`PeerGate`]): the XDP program and its map of allowed peers, or nothing.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use anyhow::Result;
 
 use crate::cli::{RunArgs, XdpMode};
+use crate::core::session::SessionId;
 use crate::core::{GateFull, PeerGate};
 use crate::edge::xdp::{XdpError, XdpGate};
 
@@ -39,24 +40,37 @@ pub fn open(args: &RunArgs) -> Result<Gate> {
 }
 
 impl PeerGate for Gate {
-    fn allow(&mut self, peer: SocketAddrV4) -> Result<(), GateFull> {
+    fn allow(&mut self, peer: SocketAddr) -> Result<(), GateFull> {
         match self {
             Gate::Off => Ok(()),
-            Gate::Xdp(g) => g.allow(peer).map_err(|e| {
-                if !matches!(e, XdpError::MapFull { .. }) {
-                    // Refuse rather than let store and map disagree.
-                    log::error!("cannot add {peer} to the XDP map, refusing it: {e}");
-                }
-                GateFull
-            }),
+            Gate::Xdp(g) => {
+                let SocketAddr::V4(v4) = peer else {
+                    log::error!("the XDP map of this build holds IPv4 peers only: refusing {peer}");
+                    return Err(GateFull);
+                };
+                g.allow(v4).map_err(|e| {
+                    if !matches!(e, XdpError::MapFull { .. }) {
+                        // Refuse rather than let store and map disagree.
+                        log::error!("cannot add {peer} to the XDP map, refusing it: {e}");
+                    }
+                    GateFull
+                })
+            }
         }
     }
 
-    fn revoke(&mut self, peer: SocketAddrV4) {
+    fn revoke(&mut self, peer: SocketAddr) {
         if let Gate::Xdp(g) = self
-            && let Err(e) = g.revoke(peer)
+            && let SocketAddr::V4(v4) = peer
+            && let Err(e) = g.revoke(v4)
         {
             log::error!("cannot remove {peer} from the XDP map: {e}");
         }
     }
+
+    fn allow_session(&mut self, _id: SessionId) -> Result<(), GateFull> {
+        Ok(())
+    }
+
+    fn revoke_session(&mut self, _id: SessionId) {}
 }

@@ -13,6 +13,7 @@ mod auth;
 mod datapath;
 mod gate;
 pub mod host;
+pub mod state;
 mod status;
 
 use std::collections::hash_map::RandomState;
@@ -25,7 +26,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
-use crate::core::Core;
+use crate::core::endpoints::Endpoints;
+use crate::core::ratelog::RateLimitedLog;
+use crate::core::{Core, Ended};
 use crate::core::store::{ConnectionStore, Pool};
 use crate::counters::Counters;
 use crate::edge::batch::BatchUdp;
@@ -33,16 +36,24 @@ use crate::edge::control::{self, StatusRequest};
 use crate::edge::{tun, udp};
 
 use self::auth::{Auth, recv_some};
+use self::gate::Gate;
 use self::datapath::DataPath;
 use self::host::{Host, inspect_host};
 
 /// How often expiry and lease renewal are looked at.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How long an authenticated session may take to prove its UDP path
+/// before the server lets its address go (the client gives up after 5 s).
+const BIND_LIFE: Duration = Duration::from_secs(10);
+
 fn build_core(args: &RunArgs, host: &Host, counters: Arc<Counters>) -> Result<Core> {
     let auth = !args.insecure_no_auth;
     let role = match args.endpoint_port {
-        Some(port) => Core::client(port, auth),
+        Some(port) => {
+            let endpoints = Endpoints::new(port, &args.endpoint_v6, args.nat64_prefix);
+            Core::client(endpoints, auth, args.keepalive)
+        }
         None => {
             let (net, prefix) = match args.pool {
                 Some(c) => (c.addr, c.prefix),
@@ -51,7 +62,8 @@ fn build_core(args: &RunArgs, host: &Host, counters: Arc<Counters>) -> Result<Co
             let pool = Pool::new(net, prefix, &host.tun_addrs).map_err(|e| anyhow!("{e}"))?;
             log::info!("address pool {net}/{prefix}: {} addresses for peers", pool.capacity());
             let key = RandomState::new().hash_one(0x5eed_u64);
-            Core::server(ConnectionStore::new(pool, args.entry_timeout, key), auth)
+            let store = ConnectionStore::new(pool, args.entry_timeout, key);
+            Core::server(store, auth, args.max_entries_per_client as usize, BIND_LIFE)
         }
     };
     Ok(Core::new(host.tun_addr, host.path_mtu(), role, counters))
@@ -70,6 +82,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let udp = BatchUdp::new(udp::open(args.listen_port, &args.bind_to_interface)?);
     let mut gate = gate::open(&args)?;
+    // The saved sessions go into the core and the gate before the loop
+    // reads its first datagram.
+    let mut saver = Saver::new(&args, !args.insecure_no_auth)?;
+    saver.restore(&mut core, &mut gate);
     let mut auth = Auth::start(auth_mode, &args, &counters)?;
 
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
@@ -79,7 +95,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
 
     log::info!(
-        "{} on {} ({}/{}, MTU {}), UDP port {} on {} (MTU {}), MSS clamp {}, entry timeout {:?}",
+        "{} on {} ({}/{}, MTU {}), UDP port {} on {} (MTU {}), MSS clamp {}, entry timeout {:?}{}",
         if args.is_client() { "client" } else { "server" },
         args.interface,
         host.tun_addr,
@@ -90,13 +106,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         host.uplink_mtu,
         core.max_mss(),
         args.entry_timeout,
+        if args.is_client() { format!(", keepalive {:?}", args.keepalive) } else { String::new() },
     );
 
     let started = Instant::now();
     let mut path = DataPath::new(counters.clone(), offload);
-    let mut expired = Vec::new();
+    let mut ended = Vec::new();
+    let mut actions = Vec::new();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut control_log = RateLimitedLog::default();
 
     let busy_poll = Duration::from_micros(u64::from(args.busy_poll));
     let mut poll_until = started;
@@ -110,13 +129,29 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     poll_until = Instant::now() + busy_poll;
                 }
                 if !path.need_auth.is_empty() {
-                    auth.enqueue(&mut path.need_auth, &counters);
+                    auth.enqueue(&mut path.need_auth, &core, &counters);
                 }
             }
             r = udp.readable() => {
                 r.context("waiting on the UDP socket")?;
                 if path.udp_to_tun(&udp, &tun, &mut core, &mut gate).await > 0 {
                     poll_until = Instant::now() + busy_poll;
+                }
+                if !path.controls.is_empty() {
+                    let controls = std::mem::take(&mut path.controls);
+                    for (src, bytes) in &controls {
+                        let Some(done) = control(&mut core, &mut gate, *src, bytes, &mut control_log) else { continue };
+                        saver.dirty |= done.changed;
+                        if let Some((to, reply)) = done.reply {
+                            path.send_control(&udp, to, &reply).await;
+                        }
+                        if let Some(server) = done.bound {
+                            let flush = auth.bound(server, &core);
+                            path.send_queued(flush, &udp, &mut core).await;
+                        }
+                    }
+                    path.controls = controls;
+                    path.controls.clear();
                 }
             }
             // Busy polling: instead of sleeping in epoll, let whatever else
@@ -128,37 +163,217 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 tokio::task::yield_now().await;
             }
             Some(req) = recv_some(&mut auth.requests) => {
-                auth.admit(req, &mut core, &mut gate, &counters, args.entry_timeout);
+                saver.dirty |= auth.admit(req, &mut core, &mut gate, args.entry_timeout);
             }
             Some(done) = recv_some(&mut auth.done) => {
-                let flush = auth.finished(done, &mut core, &mut gate, &counters);
+                let (flush, changed) = auth.finished(done, &mut core, &mut gate, &counters);
+                saver.dirty |= changed;
                 path.send_queued(flush, &udp, &mut core).await;
             }
             _ = ticker.tick() => {
                 let now = Instant::now();
                 if core.next_expiry().is_some_and(|t| t <= now) {
-                    expired.clear();
-                    core.expire(now, &mut gate, &mut expired);
-                    for e in &expired {
-                        auth.forget(e.peer);
-                        log::info!("entry expired: {} -> {}", e.peer, e.addr);
+                    ended.clear();
+                    core.expire(now, &mut gate, &mut ended);
+                    saver.dirty |= !ended.is_empty();
+                    for e in &ended {
+                        log_ended(e);
                     }
                 }
-                auth.tick(now, &mut core, &mut gate);
+                saver.dirty |= auth.tick(now, &mut core, &mut gate);
+                core.client_due(now, &mut actions);
+                for (to, bytes) in auth.client_actions(&mut actions, &mut core, &mut gate, &counters, now) {
+                    path.send_control(&udp, to, &bytes).await;
+                }
+                saver.save_if_dirty(&core);
             }
             Some(reply) = status_rx.recv() => {
                 let text = status::text(&args, &host, &core, &gate, &auth, &udp, offload, started, Instant::now());
                 let _ = reply.send(text);
             }
-            _ = sighup.recv() => auth.reload(&mut core, &mut gate),
+            _ = sighup.recv() => saver.dirty |= auth.reload(&mut core, &mut gate),
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
         }
     }
     auth.stop();
     status_task.abort();
+    // What a restart needs to resume the sessions, as of now.
+    saver.dirty = true;
+    saver.save_if_dirty(&core);
     drop(gate);
     log::info!("stopped cleanly");
     Ok(())
 }
 
+/// A control datagram through the core; a refusal logged (rate limited: a
+/// remote sender can make them) and `None`.
+fn control(
+    core: &mut Core,
+    gate: &mut Gate,
+    src: std::net::SocketAddr,
+    bytes: &[u8],
+    log: &mut RateLimitedLog,
+) -> Option<crate::core::ControlDone> {
+    use crate::core::session::server::Event;
+    let now = Instant::now();
+    match core.control(src, bytes, now, gate, nonce()) {
+        Ok(done) => {
+            match done.event {
+                Some(Event::Bound { addr, path }) => log::info!("session for {addr}: UDP path {path} proven"),
+                Some(Event::Moved { addr, from, to, robbed }) => {
+                    log::info!("session for {addr} moved from {from} to {to} (its path proven there)");
+                    if let Some(r) = robbed {
+                        log::info!("session for {r} lost {to} to {addr}, which proved it; it waits for its own proof");
+                    }
+                }
+                Some(Event::Abandoned { addr, path }) => log.log(now, || {
+                    format!(
+                        "session for {addr}: a proof from {path} came while its current path was heard from; \
+                         not moved (a copy of its datagrams?)"
+                    )
+                }),
+                Some(Event::GateFull { addr, path }) => log.log(now, || {
+                    format!("session for {addr}: cannot let {path} into the XDP map (full; raise --xdp-map-size)")
+                }),
+                Some(Event::Challenged { .. } | Event::Answered | Event::ChallengePending) | None => {}
+            }
+            Some(done)
+        }
+        Err(why) => {
+            log.log(now, || format!("control datagram from {src} refused: {}", why.as_str()));
+            None
+        }
+    }
+}
+
+fn log_ended(e: &Ended) {
+    match e {
+        Ended::Entry { entry, client } => {
+            let who = client.as_deref().map(|c| format!(" (client {c})")).unwrap_or_default();
+            match entry.peer {
+                Some(p) => log::info!("entry expired: {p} -> {}{who}", entry.addr),
+                None => log::info!("session for {} expired before it proved a UDP path{who}", entry.addr),
+            }
+        }
+        Ended::Lease { server } => log::info!("lease with {server} ran out"),
+    }
+}
+
+/// Fresh random bits for a challenge.
+fn nonce() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        // Never seen; a challenge with a predictable nonce is still bound to
+        // the session's key, so the wall clock's bits will do.
+        return state::counter_start().rotate_left(17);
+    }
+    u64::from_ne_bytes(b)
+}
+
+/// Keeps this instance's state file in step with its sessions: marked
+/// dirty when something a restart needs changes, written at the next tick.
+struct Saver {
+    path: Option<std::path::PathBuf>,
+    server: bool,
+    pub dirty: bool,
+    failed: bool,
+}
+
+impl Saver {
+    /// No state without authentication (version 1 has no sessions).
+    fn new(args: &RunArgs, auth: bool) -> Result<Saver> {
+        let path = if auth {
+            let inode = crate::edge::netdev::netns_inode().context("cannot read this process's network namespace")?;
+            Some(state::path_for(&args.state_dir, inode, &args.bind_to_interface, args.listen_port))
+        } else {
+            None
+        };
+        Ok(Saver { path, server: !args.is_client(), dirty: false, failed: false })
+    }
+
+    /// Puts the saved sessions back into the core and the gate.
+    fn restore(&mut self, core: &mut Core, gate: &mut Gate) {
+        let Some(path) = &self.path else { return };
+        let role = if self.server { "server" } else { "client" };
+        let file = match state::load(path, role) {
+            state::Loaded::Missing => {
+                log::info!("no saved sessions at {}: starting clean", path.display());
+                return;
+            }
+            state::Loaded::Unusable(why) => {
+                log::warn!("saved sessions at {} not used, starting clean: {why}", path.display());
+                return;
+            }
+            state::Loaded::File(f) => f,
+        };
+        let clock = state::Clock::now();
+        let counter = state::counter_start();
+        let (mut taken, mut refused) = (0, 0);
+        let dropped = if self.server {
+            let (sessions, dropped) = file.server_sessions(clock);
+            for s in sessions {
+                let (id, addr) = (s.id, s.addr);
+                match core.restore_server(s, counter, clock.now, gate) {
+                    Ok(()) => taken += 1,
+                    Err(e) => {
+                        refused += 1;
+                        log::warn!("saved session {id} for {addr} not resumed: {e}");
+                    }
+                }
+            }
+            core.restore_quarantine(file.quarantine.iter().copied());
+            dropped
+        } else {
+            let (leases, dropped) = file.client_leases(clock);
+            for l in leases {
+                if core.restore_client(l, counter, clock.now, gate) {
+                    taken += 1;
+                } else {
+                    refused += 1;
+                }
+            }
+            dropped
+        };
+        log::info!(
+            "resumed {taken} saved session(s) from {}{}",
+            path.display(),
+            if dropped + refused > 0 { format!(" ({} expired or unusable, left out)", dropped + refused) } else { String::new() }
+        );
+        self.dirty = dropped + refused > 0;
+    }
+
+    fn save_if_dirty(&mut self, core: &Core) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        let Some(path) = &self.path else { return };
+        let clock = state::Clock::now();
+        let file = match (core.server_sessions(), core.client_sessions(), core.store()) {
+            (Some(s), _, Some(store)) => state::File::server(&s.saved(store), store.quarantine().collect(), clock),
+            (_, Some(c), _) => state::File::client(&c.saved(), clock),
+            _ => return,
+        };
+        match state::save(path, &file) {
+            Ok(()) => {
+                if self.failed {
+                    log::info!("sessions saved to {} again", path.display());
+                }
+                self.failed = false;
+            }
+            Err(e) => {
+                if !self.failed {
+                    log::warn!(
+                        "cannot save the sessions to {} ({e}): a restart will not resume them; \
+                         check that --state-dir is writable by this daemon",
+                        path.display()
+                    );
+                }
+                self.failed = true;
+                // Try again at the next change.
+            }
+        }
+    }
+}

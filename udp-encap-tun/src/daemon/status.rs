@@ -1,7 +1,6 @@
 //! The text `udp-encap-tun status` prints: one fact per line (README,
 //! "Reading the counters").
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use super::auth::Auth;
@@ -87,29 +86,40 @@ pub fn text(
         }
     }
     if let Some(store) = core.store() {
+        let sessions = core.server_sessions();
         let mut entries: Vec<_> = store.entries().collect();
         entries.sort_by_key(|e| e.addr);
         for e in entries {
             let idle = now.saturating_duration_since(e.refreshed);
-            let left = store.timeout().saturating_sub(idle);
-            let _ = write!(
-                t,
-                "peer {} {} idle_ms {} expires_in_ms {}",
-                e.peer,
-                e.addr,
-                idle.as_millis(),
-                left.as_millis()
-            );
-            let _ = match auth.owners.get(&e.peer) {
-                Some(id) => writeln!(t, " client {id}"),
+            let left = e.deadline.map_or(u128::MAX, |d| d.saturating_duration_since(now).as_millis());
+            // An entry whose session has not proven its UDP path yet has no
+            // peer: a `pending` line, so that `peer` lines are the entries
+            // datagrams can reach.
+            let _ = match e.peer {
+                Some(p) => write!(t, "peer {p} {} idle_ms {} expires_in_ms {left}", e.addr, idle.as_millis()),
+                None => write!(t, "pending {} idle_ms {} expires_in_ms {left}", e.addr, idle.as_millis()),
+            };
+            let _ = match sessions.and_then(|s| s.get_by_addr(e.addr)) {
+                Some(s) => writeln!(t, " client {} session {}", s.client, s.id),
                 None => writeln!(t),
             };
         }
     }
-    let leases: HashMap<_, _> = core.leases().into_iter().collect();
-    for (server, until) in leases {
-        let _ = writeln!(t, "lease {server} expires_in_ms {}", until.saturating_duration_since(now).as_millis());
+    if let Some(sessions) = core.client_sessions() {
+        let mut all: Vec<_> = sessions.iter().collect();
+        all.sort_by_key(|s| s.server);
+        for s in all {
+            let _ = writeln!(
+                t,
+                "lease {} expires_in_ms {} path {} session {} state {} heard_ms {}",
+                s.server,
+                s.until.saturating_duration_since(now).as_millis(),
+                s.path,
+                s.id,
+                if s.bound { "bound" } else { "binding" },
+                now.saturating_duration_since(s.heard).as_millis(),
+            );
+        }
     }
     t
 }
-

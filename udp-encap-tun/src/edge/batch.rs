@@ -23,11 +23,11 @@
 //! unsafe code of our own.
 
 use std::io::{self, IoSlice};
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, sendmsg, setsockopt, sockopt,
+    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt, sockopt,
 };
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -45,6 +45,8 @@ pub struct BatchUdp {
     /// Cleared for good the first time the kernel refuses a GSO train.
     gso: std::cell::Cell<bool>,
     gro: bool,
+    /// An IPv6 socket (dual-stack): IPv4 peers are sent to as IPv4-mapped.
+    v6: bool,
 }
 
 /// One receive: `len` bytes from `src`, datagrams of `stride` bytes each
@@ -52,7 +54,7 @@ pub struct BatchUdp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
     pub len: usize,
-    pub src: SocketAddrV4,
+    pub src: SocketAddr,
     pub stride: usize,
 }
 
@@ -82,7 +84,8 @@ impl BatchUdp {
             if gso { "on" } else { "off" },
             if gro { "on" } else { "off" }
         );
-        BatchUdp { sock, gso: std::cell::Cell::new(gso), gro }
+        let v6 = sock.local_addr().is_ok_and(|a| a.is_ipv6());
+        BatchUdp { sock, gso: std::cell::Cell::new(gso), gro, v6 }
     }
 
     pub fn gso(&self) -> bool {
@@ -103,7 +106,7 @@ impl BatchUdp {
         self.sock.try_io(Interest::READABLE, || {
             let mut iov = [io::IoSliceMut::new(buf)];
             let mut cmsg = nix::cmsg_space!(i32);
-            let msg = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+            let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
                 .map_err(io::Error::from)?;
             let len = msg.bytes;
             let mut stride = len;
@@ -116,7 +119,8 @@ impl BatchUdp {
             }
             let src = msg
                 .address
-                .map(|a| SocketAddrV4::new(a.ip(), a.port()))
+                .as_ref()
+                .and_then(socket_addr)
                 .ok_or_else(|| io::Error::other("datagram without a source address"))?;
             Ok(Received { len, src, stride: stride.clamp(1, len.max(1)) })
         })
@@ -127,8 +131,8 @@ impl BatchUdp {
     /// caller groups them so; at most [`MAX_GSO_SEGMENTS`] and
     /// [`MAX_GSO_BYTES`] in all). Returns how many system calls it took;
     /// waits when the socket buffer is full.
-    pub async fn send(&self, to: SocketAddrV4, segs: &[IoSlice<'_>], per: usize) -> io::Result<usize> {
-        let addr = SockaddrIn::from(to);
+    pub async fn send(&self, to: SocketAddr, segs: &[IoSlice<'_>], per: usize) -> io::Result<usize> {
+        let addr = self.sockaddr(to);
         let per = per.max(1);
         if self.gso.get() && segs.len() > per {
             let seg_len = segs.iter().take(per).map(|s| s.len()).sum();
@@ -151,7 +155,17 @@ impl BatchUdp {
         Ok(calls)
     }
 
-    async fn send_msg(&self, addr: &SockaddrIn, iov: &[IoSlice<'_>], gso: Option<usize>) -> io::Result<()> {
+    /// The kernel's form of `to` for this socket.
+    fn sockaddr(&self, to: SocketAddr) -> SockaddrStorage {
+        match to {
+            SocketAddr::V4(v4) if self.v6 => {
+                SockaddrStorage::from(SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()))
+            }
+            _ => SockaddrStorage::from(to),
+        }
+    }
+
+    async fn send_msg(&self, addr: &SockaddrStorage, iov: &[IoSlice<'_>], gso: Option<usize>) -> io::Result<()> {
         let fd = self.sock.as_raw_fd();
         let seg = gso.and_then(|g| u16::try_from(g).ok()).unwrap_or(0);
         loop {
@@ -169,6 +183,17 @@ impl BatchUdp {
             }
         }
     }
+}
+
+/// A received source address as the rest of the daemon sees it: an IPv4
+/// peer of a dual-stack socket arrives IPv4-mapped (`::ffff:a.b.c.d`) and
+/// is given back as IPv4, so one peer has one key whatever the socket.
+fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from((v4.ip(), v4.port())));
+    }
+    let v6 = a.as_sockaddr_in6()?;
+    Some(SocketAddr::new(IpAddr::V6(v6.ip()).to_canonical(), v6.port()))
 }
 
 /// How many datagrams of at most `max_datagram` bytes fit one GSO send: the
