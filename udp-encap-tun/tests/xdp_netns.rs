@@ -777,7 +777,9 @@ fn enforcement_drops_unknown_sources_before_the_daemon() {
 /// server on the same uplink and port starts, attaches a new program and
 /// pins fresh maps at the same path (no stale peer, zeroed counters); the
 /// same client authenticates with it again and transfers intact. SIGTERM
-/// then cleans everything.
+/// then cleans everything. The new server runs without the dead one's
+/// saved sessions (a fresh `--state-dir`): what it would resume from them
+/// is session_netns.rs's to show, this test is about the pins.
 #[test]
 fn kill9_leaves_pins_and_restart_starts_fresh() {
     const PORT: u16 = 40400;
@@ -853,7 +855,9 @@ fn kill9_leaves_pins_and_restart_starts_fresh() {
         |st| !has_lease(st),
     );
     // ... and a new server takes the same uplink and port.
-    let mut server2 = Daemon::spawn(&s.ns, "xk9-server2", &sargs);
+    let fresh_state = ArtifactDir::new("xk9-server2-state");
+    let sargs2 = args_with(sargs.clone(), &["--state-dir".to_string(), fresh_state.path().display().to_string()]);
+    let mut server2 = Daemon::spawn(&s.ns, "xk9-server2", &sargs2);
     let prog2 = assert_gate_attached(&s.ns, &s.uplink);
     assert_ne!(prog2, prog1, "a new program after the restart");
     assert_eq!(

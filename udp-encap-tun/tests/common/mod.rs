@@ -20,6 +20,9 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
+pub mod creds;
+pub mod paced;
+
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -244,8 +247,19 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Where the daemons of this namespace keep their sessions
+    /// (`--state-dir`, which `Daemon::spawn` passes unless the test gives
+    /// one): per namespace, so that a daemon restarted in it resumes, and
+    /// removed with it.
+    pub fn state_dir(&self) -> PathBuf {
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("state-{}", self.name))
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
+        let _ = fs::remove_dir_all(self.state_dir());
         remove_pins_of(&self.path());
         let out = Command::new("ip")
             .args(["netns", "del", &self.name])
@@ -618,8 +632,11 @@ impl Daemon {
             .map_or("tun0", |w| w[1])
             .to_string();
         let mut cmd = ns.cmd(BIN);
-        cmd.args(&args)
-            .stdin(Stdio::null())
+        cmd.args(&args);
+        if !args.iter().any(|a| *a == "--state-dir" || *a == "--config") && args.first() != Some(&"status") {
+            cmd.arg("--state-dir").arg(ns.state_dir());
+        }
+        cmd.stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log fd"))
             .stderr(logf);
         if std::env::var_os("RUST_LOG").is_none() {
