@@ -39,6 +39,7 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "offload settings on veth in the tests"),
     ("kmod", "modprobe tun when /dev/net/tun is missing"),
     ("procps", "sysctl in the test namespaces (absent from minimal images)"),
+    ("conntrack", "flush a NAT router's mappings in the session tests (NAT rebinding)"),
 ];
 
 /// The bpf-linker release checked with LLVM 22 and Rust 1.95 (TOOLCHAIN.md).

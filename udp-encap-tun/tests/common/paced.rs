@@ -96,3 +96,70 @@ pub fn assert_paced_ok(r: &PacedResult, conn: &ServerConn, download: u64, seed_i
     );
 }
 
+
+/// A download that the client reads at a steady rate (`chunk` bytes every
+/// `gap`) through a small receive buffer, so the server's writes are held
+/// back by TCP's flow control and the bytes move for the whole
+/// `download / chunk * gap`: a fault at any moment in between strikes a
+/// transfer under way. No upload (the header, then EOF). The result's
+/// `received`/`received_sha` are checked against the server's `sent_sha`
+/// with [`assert_download_ok`].
+pub fn paced_download(
+    ns: &Netns,
+    dest: SocketAddrV4,
+    id: u64,
+    download: u64,
+    chunk: usize,
+    gap: Duration,
+    io_timeout: Duration,
+) -> JoinHandle<io::Result<PacedResult>> {
+    let path = ns.path();
+    thread::spawn(move || {
+        let f = fs::File::open(&path)?;
+        // SAFETY: a valid open namespace fd; affects this thread only.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        // Small, so that the server cannot run far ahead of the reader.
+        sock.set_recv_buffer_size(128 * 1024)?;
+        sock.connect_timeout(&SocketAddr::V4(dest).into(), Duration::from_secs(10))?;
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(io_timeout))?;
+        let mut hdr = Vec::new();
+        for w in [id, 0, download, id.wrapping_mul(31) ^ 0xabc] {
+            hdr.extend_from_slice(&w.to_be_bytes());
+        }
+        s.write_all(&hdr)?;
+        s.shutdown(Shutdown::Write)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; chunk];
+        let (mut got, start, mut i) = (0u64, Instant::now(), 0u32);
+        loop {
+            let n = io::Read::read(&mut s, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            got += n as u64;
+            if got >= (u64::from(i) + 1) * chunk as u64 {
+                i += 1;
+                let due = start + gap * i;
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    thread::sleep(d);
+                }
+            }
+        }
+        Ok(PacedResult { sent: 0, sent_sha: Sha256::new().finalize().into(), received: got, received_sha: h.finalize().into() })
+    })
+}
+
+/// The download of [`paced_download`] arrived whole and unchanged, on the one
+/// connection the server served.
+pub fn assert_download_ok(r: &PacedResult, conn: &ServerConn, download: u64, id: u64) {
+    assert!(conn.error.is_none(), "server side failed: {:?}", conn.error);
+    assert_eq!(conn.id, id);
+    assert_eq!(r.received, download, "download length");
+    assert_eq!(hex(&r.received_sha), hex(&conn.sent_sha), "download SHA-256");
+}

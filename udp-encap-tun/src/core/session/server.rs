@@ -257,11 +257,27 @@ impl Sessions {
                     if let Some(o) = old {
                         gate.revoke(o);
                     }
+                    let reply = answer(s, store);
+                    let client = s.client.clone();
+                    // The path belonged to another session. If it is the same
+                    // client's (a client restarted without its state, from the
+                    // same socket), that session is abandoned: it goes now
+                    // rather than hold an address and a place under
+                    // --max-entries-per-client for a whole lease. Another
+                    // client's keeps its address and waits for its own proof.
+                    let robbed = robbed.filter(|r| {
+                        let same = self.get_by_addr(*r).is_some_and(|o| o.client == client);
+                        if same {
+                            self.forget(*r, gate);
+                            store.remove(*r);
+                        }
+                        !same
+                    });
                     let event = match old {
                         Some(from) => Event::Moved { addr, from, to: src, robbed },
                         None => Event::Bound { addr, path: src },
                     };
-                    Ok(Outcome { reply: answer(s, store), event })
+                    Ok(Outcome { reply, event })
                 }
                 // The client answered a challenge from the path it is on:
                 // someone relayed the challenge to it. It stays.
@@ -525,6 +541,29 @@ mod tests {
         let o = s.control(&mut store, &mut g, home, &resp, t1 + Duration::from_secs(2), 0).unwrap();
         assert_eq!(o.event, Event::Answered);
         assert_eq!(store.by_peer(home), Some(a));
+    }
+
+    #[test]
+    fn a_session_that_takes_its_own_clients_old_path_ends_the_old_one() {
+        let (mut s, mut store, mut g) = setup();
+        let t0 = Instant::now();
+        let p = sa("198.18.0.254:50001");
+        let old = admit(&mut s, &mut store, &mut g, SID, "alice", t0).unwrap().addr;
+        bind(&mut s, &mut store, &mut g, &mut Client::new(SID, 1), p, t0);
+        // alice restarts without her state: a new session, from the same socket.
+        let new_id = SessionId([2; 8]);
+        let new = admit(&mut s, &mut store, &mut g, new_id, "alice", t0).unwrap().addr;
+        assert_eq!(bind(&mut s, &mut store, &mut g, &mut Client::new(new_id, 2), p, t0), Event::Bound { addr: new, path: p });
+        assert!(store.get(old).is_none() && s.get_by_addr(old).is_none(), "the abandoned session is gone");
+        assert!(!g.sessions.contains(&SID) && g.allowed.contains(&p));
+        assert_eq!(s.len(), 1);
+        // Bob taking a path of alice's (a NAT reused her public port) leaves
+        // her session waiting for its own proof, address kept.
+        let bob = SessionId([3; 8]);
+        let b = admit(&mut s, &mut store, &mut g, bob, "bob", t0).unwrap().addr;
+        assert_eq!(bind(&mut s, &mut store, &mut g, &mut Client::new(bob, 3), p, t0), Event::Bound { addr: b, path: p });
+        assert!(store.get(new).is_some() && store.by_addr(new).is_none());
+        assert_eq!(s.len(), 2);
     }
 
     #[test]
