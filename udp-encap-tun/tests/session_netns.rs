@@ -382,3 +382,311 @@ fn idle_connection_behind_a_short_nat_timeout_gets_the_servers_push() {
     let (peer, _) = one_entry(&server);
     assert_eq!(*peer.ip(), WAN);
 }
+
+// ---------------------------------------------------------------- 7. an attacker on the path
+
+/// What the attacker did.
+#[derive(Debug, Default)]
+struct Attack {
+    seen: u64,
+    copies: u64,
+    forged: u64,
+    replays: u64,
+}
+
+/// An attacker in the router who sees the client's datagrams (an AF_PACKET
+/// socket on the client's side of the router) and sends each control
+/// datagram again from its own (address, port): a copy at once, a forgery
+/// (one bit of the counter flipped), and every copy again 2 s later.
+fn attacker(r: &Router, server: SocketAddrV4, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> thread::JoinHandle<Attack> {
+    let lan = r.lans[0].clone();
+    spawn_in_netns(&r.ns, move || {
+        use std::os::fd::AsRawFd;
+        let fd = packet_socket(&lan);
+        let out = std::net::UdpSocket::bind(("0.0.0.0", 6666)).unwrap();
+        let mut a = Attack::default();
+        let mut kept: Vec<Vec<u8>> = Vec::new();
+        let mut last_replay = Instant::now();
+        let mut buf = [0u8; 2048];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: a valid fd and a buffer of its length.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 {
+                let f = &buf[..n as usize];
+                // Ethernet, IPv4 UDP to the server's listen port, 48 bytes with
+                // the control marker where a segment has its data offset.
+                if f.len() >= 14 + 20 + 8 + 48 && f[12..14] == [0x08, 0x00] && f[23] == 17 {
+                    let ihl = usize::from(f[14] & 0x0f) * 4;
+                    let u = 14 + ihl;
+                    let dst = Ipv4Addr::new(f[30], f[31], f[32], f[33]);
+                    let dport = u16::from_be_bytes([f[u + 2], f[u + 3]]);
+                    let len = usize::from(u16::from_be_bytes([f[u + 4], f[u + 5]]));
+                    if dst == *server.ip() && dport == server.port() && len == 56 && f.len() >= u + 56 && f[u + 8 + 12] == 0 {
+                        let payload = f[u + 8..u + 56].to_vec();
+                        a.seen += 1;
+                        out.send_to(&payload, server).unwrap();
+                        a.copies += 1;
+                        let mut forged = payload.clone();
+                        forged[23] ^= 1;
+                        out.send_to(&forged, server).unwrap();
+                        a.forged += 1;
+                        kept.push(payload);
+                    }
+                }
+            }
+            if last_replay.elapsed() >= Duration::from_secs(2) {
+                for p in &kept {
+                    out.send_to(p, server).unwrap();
+                    a.replays += 1;
+                }
+                last_replay = Instant::now();
+            }
+        }
+        a
+    })
+}
+
+/// An attacker who sees the client's datagrams sends copies, replays and
+/// forgeries from its own (address, port), and for two seconds the router
+/// drops the client's own keepalives so that the attacker's copy is the
+/// first the server sees. Nothing moves: replays and forgeries are refused
+/// (counted), the fresh copy only earns a challenge the attacker cannot
+/// answer, and the session stays on the client's path with its address; the
+/// download finishes intact.
+#[test]
+fn copies_replays_and_forgeries_from_elsewhere_move_nothing() {
+    const PORT: u16 = 43600;
+    const APP: u16 = 5761;
+    let lab = NatLab::new("sattack", PORT);
+    let alice = lab.creds.client("alice");
+    // A 6 s lease: the client proves its session every 2 s while it works,
+    // so there are keepalives to copy during the download.
+    let server = lab.server("sattack-server", &["--entry-timeout", "6s"]);
+    let client = lab.client("sattack-client", &alice, &[]);
+    let app = AppServer::start(&lab.s().ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+
+    let dl = start_download(&lab.c().ns, lab.dest(APP), 7, 12 * MIB, Duration::from_millis(40));
+    wait_moving(&server, 0, MIB);
+    let (home, addr) = one_entry(&server);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let att = attacker(lab.r(), SocketAddrV4::new(lab.s().addr, PORT), stop.clone());
+    // Let copies and replays flow, then make the copy win the race once.
+    server.wait_status(Duration::from_secs(15), "the attacker's copies to be refused", |st| {
+        st.counter("discard_control") >= 4
+    });
+    let lan = &lab.r().lans[0];
+    lab.r().ns.nft(&format!(
+        "table ip uet_attack {{\n chain drop_keepalives {{\n  type filter hook forward priority 0;\n  \
+         iifname \"{lan}\" udp dport {PORT} udp length 56 @th,64,8 1 drop\n }}\n}}\n"
+    ));
+    let challenged = server.wait_status(Duration::from_secs(10), "a challenge to the attacker's copy", |st| {
+        st.counter("challenges") >= 2
+    });
+    lab.r().ns.nft("delete table ip uet_attack");
+    dl.finish(&app, "under attack");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let a = att.join().unwrap();
+    eprintln!("attacker: {a:?}");
+    assert!(a.copies >= 3 && a.replays >= 1, "the attacker had too little to work with: {a:?}");
+
+    assert_eq!(one_entry(&server), (home, addr), "the session moved or changed its address");
+    let st = server.status();
+    assert_eq!(st.counter("migrations"), 0, "{}", st.raw);
+    assert!(st.counter("discard_control") >= a.forged, "forgeries not all refused:\n{}", st.raw);
+    assert!(challenged.counter("challenges") >= 2, "the copy never came first");
+    let log = server.log_text();
+    assert!(!log.contains("moved from"), "{}", server.log_tail(20));
+    let cs = client.status();
+    assert_eq!(cs.counter("auth_granted"), 1, "the client had to authenticate again:\n{}", cs.raw);
+}
+
+// ---------------------------------------------------------------- 8. no pool leak
+
+/// While UDP to the server is blocked, the client authenticates (TCP gets
+/// through) but cannot prove its UDP path, again and again, backing off:
+/// each unproven session lapses after 10 s, so the server never holds more
+/// than two of them, and once UDP passes the client ends with exactly one
+/// entry.
+#[test]
+fn failed_bindings_leave_no_entries_behind() {
+    const PORT: u16 = 43700;
+    const APP: u16 = 5771;
+    let lab = NatLab::new("sleak", PORT);
+    lab.r().ns.nft(&format!(
+        "table ip uet_block {{\n chain block_udp {{\n  type filter hook forward priority 0;\n  udp dport {PORT} drop\n }}\n}}\n"
+    ));
+    let alice = lab.creds.client("alice");
+    let server = lab.server("sleak-server", &[]);
+    let client = lab.client("sleak-client", &alice, &[]);
+    let app = AppServer::start(&lab.s().ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+    // An application keeps trying (its SYNs keep starting authentications).
+    let dest = lab.dest(APP);
+    let trying = spawn_in_netns(&lab.c().ns, move || {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(60) {
+            if let Ok(s) = TcpStream::connect_timeout(&dest.into(), Duration::from_secs(5)) {
+                return Some(s);
+            }
+        }
+        None
+    });
+    let t = Instant::now();
+    let mut most = 0;
+    while t.elapsed() < Duration::from_secs(22) {
+        let st = server.status();
+        let held = st.raw.lines().filter(|l| l.starts_with("pending ") || l.starts_with("peer ")).count();
+        most = most.max(held);
+        assert!(held <= 2, "{held} entries held for one client that cannot bind:\n{}", st.raw);
+        thread::sleep(Duration::from_millis(250));
+    }
+    let st = server.status();
+    assert!(st.counter("auth_granted") >= 2, "the client did not keep trying:\n{}", st.raw);
+    assert!(most >= 1, "no session was ever held");
+    assert!(st.counter("entries_expired") >= 1, "{}", st.raw);
+    assert!(client.log_text().contains("no answer to our path proof"), "{}", client.log_tail(20));
+
+    lab.r().ns.nft("delete table ip uet_block");
+    let stream = trying.join().unwrap().expect("the application connects once UDP passes");
+    let r = transfer_on(stream, Transfer::new(8, MIB, MIB)).expect("transfer");
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+    server.wait_status(Duration::from_secs(15), "the unproven sessions to lapse", |st| {
+        !st.raw.lines().any(|l| l.starts_with("pending "))
+    });
+    one_entry(&server);
+}
+
+/// `--max-entries-per-client`: a second instance of the same credential
+/// past the limit is refused with its own counter, and told why.
+#[test]
+fn a_credential_holds_at_most_max_entries_per_client() {
+    const PORT: u16 = 43750;
+    const APP: u16 = 5776;
+    let lab = NatLab::new("slimit", PORT);
+    let alice = lab.creds.client("alice");
+    let server = lab.server("slimit-server", &["--max-entries-per-client", "1"]);
+    let first = lab.client("slimit-client1", &alice, &[]);
+    let app = AppServer::start(&lab.s().ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+    let r = transfer_from(&lab.c().ns, lab.dest(APP), Transfer::new(9, 64 * 1024, 64 * 1024));
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+    // The same credential in the second client host.
+    let c2 = lab.topo.client(1);
+    c2.add_client_tun(lab.s().addr);
+    let second = client_on(c2, PORT, "slimit-client2", &alice, &[]);
+    let dest = lab.dest(APP);
+    let r = in_netns(&c2.ns, move || TcpStream::connect_timeout(&dest.into(), Duration::from_secs(3)));
+    assert!(r.is_err(), "the second instance got through");
+    let st = server.wait_status(Duration::from_secs(10), "the refusal counted", |st| st.counter("discard_client_limit") >= 1);
+    assert_eq!(st.peers.len(), 1, "{}", st.raw);
+    assert!(
+        second.log_text().contains("--max-entries-per-client"),
+        "the client was not told why:\n{}",
+        second.log_tail(20)
+    );
+    let _ = first;
+}
+
+// ---------------------------------------------------------------- 9. two uplinks
+
+/// One client host with two uplinks through one NAT router, one tunnel and
+/// one daemon per uplink (the same credential, different listen ports): two
+/// sessions. The NAT of the second uplink rebinds mid-download: that
+/// session moves, the other stays where it was, and both downloads finish
+/// intact.
+#[test]
+fn two_uplinks_of_one_client_stay_two_sessions_through_a_rebinding() {
+    const PORTS: [u16; 2] = [43800, 43801];
+    const SPORT: u16 = 43800;
+    const APP: u16 = 5781;
+    let s = Netns::new("sduo-s");
+    let r = Netns::new("sduo-r");
+    let c = Netns::new("sduo-c");
+    let (s_if, wan) = (if_name("us"), if_name("rw"));
+    veth(&s, &s_if, &r, &wan);
+    s.addr_add(&s_if, "203.0.113.1/24");
+    r.addr_add(&wan, "203.0.113.254/24");
+    r.sysctl("net.ipv4.ip_forward", "1");
+    r.nft(&format!(
+        "table ip uet_nat {{\n chain post {{\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"{wan}\" masquerade\n }}\n}}\n"
+    ));
+    let mut lans = Vec::new();
+    let mut ups = Vec::new();
+    for (i, (gw, me)) in [("198.51.100.1", "198.51.100.2"), ("198.51.100.5", "198.51.100.6")].into_iter().enumerate() {
+        let (lan, up) = (if_name("rl"), if_name("uc"));
+        veth(&r, &lan, &c, &up);
+        r.addr_add(&lan, &format!("{gw}/30"));
+        c.addr_add(&up, &format!("{me}/30"));
+        c.ip(&["route", "add", "default", "via", gw, "dev", &up, "metric", &(100 + i).to_string()]);
+        lans.push(lan);
+        ups.push(up);
+    }
+    let server_addr = Ipv4Addr::new(203, 0, 113, 1);
+    add_tun(&s, SERVER_TUN_CIDR, TUN_MTU);
+    // tun0 by the main table, tun1 for traffic from its own address.
+    let tuns = [("tun0", Ipv4Addr::new(198, 19, 0, 2)), ("tun1", Ipv4Addr::new(198, 19, 1, 2))];
+    add_tun_named(&c, tuns[0].0, &format!("{}/32", tuns[0].1), TUN_MTU);
+    add_tun_named(&c, tuns[1].0, &format!("{}/32", tuns[1].1), TUN_MTU);
+    c.ip(&["route", "add", &format!("{server_addr}/32"), "dev", "tun0", "src", &tuns[0].1.to_string()]);
+    c.ip(&["rule", "add", "from", &tuns[1].1.to_string(), "table", "102"]);
+    c.ip(&["route", "add", &format!("{server_addr}/32"), "dev", "tun1", "src", &tuns[1].1.to_string(), "table", "102"]);
+
+    let art = ArtifactDir::new("sduo-creds");
+    let creds = CredDir::new(&art, "server");
+    let alice = creds.client("alice");
+    let server = Daemon::spawn(&s, "sduo-server", &{
+        let mut a = daemon_args("tun0", &s_if, SPORT, None, &[]);
+        a.extend(creds.server_args());
+        a
+    });
+    let cred = alice.to_str().unwrap();
+    let daemons: Vec<Daemon> = (0..2)
+        .map(|i| {
+            Daemon::spawn(
+                &c,
+                &format!("sduo-client{i}"),
+                &daemon_args(tuns[i].0, &ups[i], PORTS[i], Some(SPORT), &["--credential", cred, "--keepalive", "2s"]),
+            )
+        })
+        .collect();
+    let app = AppServer::start(&s, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+    let dest = SocketAddrV4::new(server_addr, APP);
+    let dls: Vec<_> = (0..2u64)
+        .map(|i| {
+            let h = common::paced::paced_download_from(&c, Some(tuns[i as usize].1), dest, 90 + i, 8 * MIB, 64 * 1024, Duration::from_millis(40), Duration::from_secs(60));
+            Download { h, id: 90 + i, total: 8 * MIB }
+        })
+        .collect();
+    let st = server.wait_status(Duration::from_secs(20), "two sessions of alice", |st| st.peers.len() == 2);
+    let mut before = st.peers.clone();
+    before.sort();
+    assert!(st.raw.lines().filter(|l| l.starts_with("peer ") && l.contains("client alice")).count() == 2, "{}", st.raw);
+    wait_moving(&server, 0, 2 * MIB);
+    // The second uplink's NAT forgets it and maps it elsewhere.
+    r.nft(&format!(
+        "flush chain ip uet_nat post\n\
+         add rule ip uet_nat post iifname \"{}\" oifname \"{wan}\" ip protocol {{ tcp, udp }} snat to {WAN}:51000-51999\n\
+         add rule ip uet_nat post oifname \"{wan}\" masquerade\n",
+        lans[1]
+    ));
+    r.run(&["conntrack", "-D", "-s", "198.51.100.6"]);
+    let mut results = Vec::new();
+    for dl in dls {
+        let id = dl.id;
+        let res = dl.h.join().unwrap().unwrap_or_else(|e| panic!("download {id}: {e}"));
+        results.push((id, res));
+    }
+    let conns = app.collect(2, Duration::from_secs(60));
+    for (id, res) in &results {
+        assert_download_ok(res, &conns[id], 8 * MIB, *id);
+    }
+    let st = server.status();
+    assert_eq!(st.peers.len(), 2, "two sessions at the end:\n{}", st.raw);
+    let moved: Vec<_> = st.peers.iter().filter(|p| !before.contains(p)).collect();
+    let kept: Vec<_> = st.peers.iter().filter(|p| before.contains(p)).collect();
+    assert_eq!(kept.len(), 1, "the first uplink's session should not move:\n{}", st.raw);
+    assert_eq!(moved.len(), 1, "the second uplink's session should have moved:\n{}", st.raw);
+    assert!((51000..=51999).contains(&moved[0].0.port()), "{}", st.raw);
+    let old_addr = before.iter().find(|p| !st.peers.contains(p)).unwrap().1;
+    assert_eq!(moved[0].1, old_addr, "the moved session kept its generated address");
+    assert_eq!(st.counter("migrations"), 1, "{}", st.raw);
+    drop(daemons);
+}

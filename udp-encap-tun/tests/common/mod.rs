@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -1577,5 +1577,64 @@ pub fn wait_tcp_quiet(ns: &Netns, deadline: Duration) {
             ns.name()
         );
         thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An AF_PACKET socket on `ifname` of the calling thread's namespace, with a
+/// 2 ms receive timeout and a 4 MB receive buffer.
+pub fn packet_socket(ifname: &str) -> OwnedFd {
+    let cname = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: plain libc calls with valid arguments; the fd is owned below.
+    unsafe {
+        let ifindex = libc::if_nametoindex(cname.as_ptr());
+        assert!(ifindex != 0, "no interface {ifname}");
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from((libc::ETH_P_ALL as u16).to_be()),
+        );
+        assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = ifindex as i32;
+        let r = libc::bind(
+            fd.as_raw_fd(),
+            (&raw const sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        );
+        assert!(
+            r == 0,
+            "bind AF_PACKET to {ifname}: {}",
+            io::Error::last_os_error()
+        );
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 2000,
+        };
+        let buf: libc::c_int = 4 << 20;
+        for (opt, p, l) in [
+            (
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast::<libc::c_void>(),
+                std::mem::size_of::<libc::timeval>(),
+            ),
+            (
+                libc::SO_RCVBUFFORCE,
+                (&raw const buf).cast(),
+                std::mem::size_of::<libc::c_int>(),
+            ),
+        ] {
+            let r = libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                p,
+                l as libc::socklen_t,
+            );
+            assert!(r == 0, "setsockopt {opt}: {}", io::Error::last_os_error());
+        }
+        fd
     }
 }

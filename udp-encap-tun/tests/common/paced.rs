@@ -113,6 +113,21 @@ pub fn paced_download(
     gap: Duration,
     io_timeout: Duration,
 ) -> JoinHandle<io::Result<PacedResult>> {
+    paced_download_from(ns, None, dest, id, download, chunk, gap, io_timeout)
+}
+
+/// [`paced_download`] from source address `src` (a second TUN's, say).
+#[allow(clippy::too_many_arguments)]
+pub fn paced_download_from(
+    ns: &Netns,
+    src: Option<std::net::Ipv4Addr>,
+    dest: SocketAddrV4,
+    id: u64,
+    download: u64,
+    chunk: usize,
+    gap: Duration,
+    io_timeout: Duration,
+) -> JoinHandle<io::Result<PacedResult>> {
     let path = ns.path();
     thread::spawn(move || {
         let f = fs::File::open(&path)?;
@@ -124,6 +139,9 @@ pub fn paced_download(
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
         // Small, so that the server cannot run far ahead of the reader.
         sock.set_recv_buffer_size(128 * 1024)?;
+        if let Some(src) = src {
+            sock.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+        }
         sock.connect_timeout(&SocketAddr::V4(dest).into(), Duration::from_secs(10))?;
         let mut s: TcpStream = sock.into();
         s.set_read_timeout(Some(io_timeout))?;
