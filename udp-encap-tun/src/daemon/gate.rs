@@ -2,6 +2,7 @@
 //! ([`PeerGate`]): the XDP program and its map of allowed peers, or nothing.
 
 use std::net::SocketAddrV4;
+use std::time::Instant;
 
 use anyhow::Result;
 
@@ -45,7 +46,7 @@ impl PeerGate for Gate {
             Gate::Xdp(g) => g.allow(peer).map_err(|e| {
                 if !matches!(e, XdpError::MapFull { .. }) {
                     // Refuse rather than let store and map disagree.
-                    log::error!("cannot add {peer} to the XDP map, refusing it: {e}");
+                    crate::bounded_log!(log::Level::Error, 1, Instant::now(), "cannot add {peer} to the XDP map, refusing it: {e}");
                 }
                 GateFull
             }),
@@ -56,7 +57,7 @@ impl PeerGate for Gate {
         if let Gate::Xdp(g) = self
             && let Err(e) = g.revoke(peer)
         {
-            log::error!("cannot remove {peer} from the XDP map: {e}");
+            crate::bounded_log!(log::Level::Error, 1, Instant::now(), "cannot remove {peer} from the XDP map: {e}");
         }
     }
 }

@@ -141,7 +141,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     core.expire(now, &mut gate, &mut expired);
                     for e in &expired {
                         auth.forget(e.peer);
-                        log::info!("entry expired: {} -> {}", e.peer, e.addr);
+                        // Version 1: spoofed sources make entries that all
+                        // lapse together. Bounded.
+                        crate::bounded_log!(log::Level::Info, 10, now, "entry expired: {} -> {}", e.peer, e.addr);
                     }
                 }
                 auth.tick(now, &mut core, &mut gate);
