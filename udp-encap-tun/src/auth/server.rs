@@ -18,7 +18,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use log::Level;
 
 use rustls::ServerConfig;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -31,6 +33,7 @@ use super::credentials::{ClientList, Verdict, load_certs, load_key};
 use super::protocol::{ALPN, Hello, ProtoError, Reply};
 use super::ratelimit::{RateLimitConfig, RateLimiter};
 use super::{AuthError, AuthRequest, AuthStats, Clock, Granted, Refused, SystemClock};
+use crate::bounded_log;
 use crate::counters::{Counters, Discard};
 
 #[derive(Debug, Clone)]
@@ -257,28 +260,37 @@ impl AuthServer {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
-                    log::warn!("accepting an authentication connection failed: {e}");
+                    bounded_log!(Level::Warn, 1, Instant::now(), "accepting an authentication connection failed: {e}; retrying in 100 ms");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
             let SocketAddr::V4(peer) = peer else { continue };
             if !lock(&shared.limiter).allowed(*peer.ip(), shared.clock.now()) {
-                log::debug!(
+                bounded_log!(
+                    Level::Debug,
+                    5,
+                    Instant::now(),
                     "authentication from {peer} refused: rate limited after failed attempts"
                 );
                 refuse_now(&shared, &stream, &shared.stats.rate_limited);
                 continue;
             }
             let Some(slot) = SourceSlot::acquire(&shared, *peer.ip()) else {
-                log::debug!(
+                bounded_log!(
+                    Level::Debug,
+                    5,
+                    Instant::now(),
                     "authentication from {peer} refused: too many connections from that address"
                 );
                 refuse_now(&shared, &stream, &shared.stats.too_many_connections);
                 continue;
             };
             let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-                log::debug!(
+                bounded_log!(
+                    Level::Debug,
+                    5,
+                    Instant::now(),
                     "authentication from {peer} refused: too many authentication connections"
                 );
                 refuse_now(&shared, &stream, &shared.stats.too_many_connections);
@@ -441,35 +453,45 @@ enum Failure {
 impl Shared {
     fn fail(&self, peer: SocketAddrV4, f: Failure) {
         let s = &self.stats;
+        let now = Instant::now();
         match &f {
+            // Each reason has its own bound (a few lines a second), so a
+            // flood of garbage from many addresses cannot hide a real
+            // client's wrong secret.
             Failure::BadCredential { id, unknown: true } => {
                 AuthStats::bump(&s.bad_credential);
-                log::info!(
+                bounded_log!(
+                    Level::Info,
+                    5,
+                    now,
                     "authentication from {peer} failed: unknown client id `{id}` (revoked, or never added)"
                 );
             }
             Failure::BadCredential { id, unknown: false } => {
                 AuthStats::bump(&s.bad_credential);
-                log::info!("authentication from {peer} failed: wrong secret for client `{id}`");
+                bounded_log!(Level::Info, 5, now, "authentication from {peer} failed: wrong secret for client `{id}`");
             }
             Failure::Tls(e) => {
                 AuthStats::bump(&s.tls_error);
-                log::info!("authentication from {peer} failed: TLS error: {e}");
+                bounded_log!(Level::Info, 5, now, "authentication from {peer} failed: TLS error: {e}");
             }
             Failure::Garbage(e) => {
                 AuthStats::bump(&s.garbage);
-                log::info!("authentication from {peer} failed: not our protocol: {e}");
+                bounded_log!(Level::Info, 5, now, "authentication from {peer} failed: not our protocol: {e}");
             }
             Failure::Timeout => {
                 AuthStats::bump(&s.timeout);
-                log::info!(
+                bounded_log!(
+                    Level::Info,
+                    5,
+                    now,
                     "authentication from {peer} failed: not finished within {:?}",
                     self.timeout
                 );
             }
             Failure::ClosedEarly => {
                 AuthStats::bump(&s.closed_early);
-                log::debug!("authentication from {peer}: closed by the peer before finishing");
+                bounded_log!(Level::Debug, 5, now, "authentication from {peer}: closed by the peer before finishing");
             }
         }
         self.counters.discard(Discard::AuthFailure);
@@ -646,12 +668,18 @@ async fn ask_daemon(
     match answer {
         Ok(Granted { addr, lease }) => {
             AuthStats::bump(&shared.stats.granted);
-            log::info!("client `{id}` at {peer} authenticated: address {addr}, lease {lease:?}");
+            // A client holding a valid credential can reconnect at will.
+            bounded_log!(
+                Level::Info,
+                10,
+                Instant::now(),
+                "client `{id}` at {peer} authenticated: address {addr}, lease {lease:?}"
+            );
             Reply::Granted { lease, addr }
         }
         Err(r) => {
             AuthStats::bump(&shared.stats.refused);
-            log::warn!("client `{id}` at {peer} authenticated but refused: {r}");
+            bounded_log!(Level::Warn, 5, Instant::now(), "client `{id}` at {peer} authenticated but refused: {r}");
             Reply::Refused(r)
         }
     }

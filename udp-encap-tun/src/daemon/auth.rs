@@ -92,7 +92,8 @@ impl Auth {
     pub fn admit(&mut self, req: auth::AuthRequest, core: &mut Core, gate: &mut Gate, counters: &Counters, lease: Duration) {
         let answer = match core.admit(req.peer, Instant::now(), gate) {
             Ok(addr) => {
-                log::info!("client {} authenticated from {} -> {addr}", req.client_id, req.peer);
+                // A valid credential can reconnect at will: bounded.
+                crate::bounded_log!(log::Level::Info, 10, Instant::now(), "client {} authenticated from {} -> {addr}", req.client_id, req.peer);
                 self.owners.insert(req.peer, req.client_id);
                 Ok(auth::Granted { addr, lease })
             }
@@ -136,11 +137,11 @@ impl Auth {
                 // lease a little before the server's.
                 match core.grant_lease(server, lease.duration, started, gate) {
                     Ok(()) => {
-                        log::info!("authenticated with {server}: lease {:?}, our address there {}", lease.duration, lease.addr);
+                        crate::bounded_log!(log::Level::Info, 10, Instant::now(), "authenticated with {server}: lease {:?}, our address there {}", lease.duration, lease.addr);
                         self.queue.succeeded(server)
                     }
                     Err(_) => {
-                        log::warn!("authenticated with {server} but the XDP map is full (raise --xdp-map-size)");
+                        crate::bounded_log!(log::Level::Warn, 1, Instant::now(), "authenticated with {server} but the XDP map is full (raise --xdp-map-size)");
                         let n = self.queue.failed(server, Instant::now());
                         counters.discard_n(Discard::AuthQueue, n as u64);
                         VecDeque::new()
@@ -151,7 +152,9 @@ impl Auth {
                 counters.discard(Discard::AuthFailure);
                 let n = self.queue.failed(server, Instant::now());
                 counters.discard_n(Discard::AuthQueue, n as u64);
-                log::warn!("authentication with {server} failed ({n} waiting packets dropped): {e}");
+                // A server (or anything routed into the TUN) can make these
+                // fail at will, for many destinations at once: bounded.
+                crate::bounded_log!(log::Level::Warn, 5, Instant::now(), "authentication with {server} failed ({n} waiting packets dropped): {e}");
                 VecDeque::new()
             }
         }
@@ -162,7 +165,7 @@ impl Auth {
         if self.client.is_some() {
             for server in core.leases_to_renew(now) {
                 if self.queue.start_renewal(server, now) {
-                    log::debug!("renewing the lease with {server}");
+                    crate::bounded_log!(log::Level::Debug, 5, now, "renewing the lease with {server}");
                     self.spawn(server);
                 }
             }
