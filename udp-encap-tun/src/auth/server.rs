@@ -15,8 +15,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,6 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
 use super::credentials::{ClientList, Verdict, load_certs, load_key};
+use super::listwatch::{FileStamp, ListWatch};
 use super::protocol::{ALPN, Hello, ProtoError, Reply};
 use super::ratelimit::{RateLimitConfig, RateLimiter};
 use super::{AuthError, AuthRequest, AuthStats, Clock, Granted, Refused, SystemClock};
@@ -73,45 +73,15 @@ impl ServerAuthConfig {
     }
 }
 
-/// What identifies a version of the client list file on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl FileStamp {
-    fn of(path: &Path) -> io::Result<FileStamp> {
-        let m = std::fs::metadata(path)?;
-        Ok(FileStamp {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        })
-    }
-
-    /// Modified in the last 2 s: a second write in the same timestamp tick
-    /// (coarse on some file systems) would not change the stamp, so such a
-    /// file is re-read every time until it has settled (git's "racy" rule).
-    fn is_recent(&self) -> bool {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        now.saturating_sub(self.mtime.0.max(self.ctime.0)) < 2
-    }
-}
-
 #[derive(Debug)]
 struct ClientsState {
     list: Arc<ClientList>,
-    stamp: Option<FileStamp>,
-    /// The stamp of a version that failed to load, so it is logged once.
-    bad_stamp: Option<FileStamp>,
+    /// Bumped by every install, whoever reloaded: the daemon compares it to
+    /// decide whether to look for revoked clients (a reload whose result
+    /// only one caller saw once hid a revocation from the daemon).
+    generation: u64,
+    /// Which version on disk to read, and when (listwatch.rs).
+    watch: ListWatch,
 }
 
 struct Shared {
@@ -190,7 +160,7 @@ impl AuthServer {
     ) -> Result<AuthServer, AuthError> {
         let acceptor = TlsAcceptor::from(Arc::new(tls_config(&cfg)?));
         let list = ClientList::load(&cfg.clients)?;
-        let stamp = FileStamp::of(&cfg.clients).ok();
+        let watch = ListWatch::new(&cfg.clients, FileStamp::of(&cfg.clients).ok());
         if list.is_empty() {
             log::warn!(
                 "client list `{}` has no clients yet: add one with `udp-encap-tun credentials client --name NAME`",
@@ -209,8 +179,8 @@ impl AuthServer {
             clients_path: cfg.clients.clone(),
             clients: Mutex::new(ClientsState {
                 list: Arc::new(list),
-                stamp,
-                bad_stamp: None,
+                generation: 0,
+                watch,
             }),
             limiter: Mutex::new(RateLimiter::new(cfg.rate_limit)),
             per_source: Mutex::new(HashMap::new()),
@@ -320,10 +290,17 @@ impl AuthServerHandle {
         self.shared.reload()
     }
 
-    /// Re-reads the client list if the file changed; `Ok(None)` if it did not.
-    /// The server also does this itself before checking each credential.
-    pub fn reload_if_changed(&self) -> Result<Option<usize>, AuthError> {
-        self.shared.reload_if_changed()
+    /// Re-reads the client list if a changed version has settled
+    /// (listwatch.rs); `Ok(None)` if there is none or it lists the same
+    /// clients. The daemon calls it every tick; nothing else reloads.
+    pub fn reload_if_changed(&self, now: std::time::Instant) -> Result<Option<usize>, AuthError> {
+        self.shared.reload_if_changed(now)
+    }
+
+    /// Changes with every list installed (tick, SIGHUP, or a test's
+    /// reload): when it moved, look for entries of clients that are gone.
+    pub fn generation(&self) -> u64 {
+        lock(&self.shared.clients).generation
     }
 
     /// Is `id` in the current client list? After a reload, the daemon can drop
@@ -498,48 +475,37 @@ impl Shared {
         lock(&self.limiter).failure(*peer.ip(), self.clock.now());
     }
 
+    /// SIGHUP: read the list now, settled or not (the operator says it is
+    /// ready).
     fn reload(&self) -> Result<usize, AuthError> {
-        let stamp = FileStamp::of(&self.clients_path).ok();
-        match ClientList::load(&self.clients_path) {
-            Ok(list) => Ok(self.install(list, stamp)),
-            Err(e) => {
-                lock(&self.clients).bad_stamp = stamp;
-                Err(e)
-            }
-        }
+        lock(&self.clients).watch.read_now();
+        let list = ClientList::load(&self.clients_path)?;
+        Ok(self.install(list))
     }
 
-    fn reload_if_changed(&self) -> Result<Option<usize>, AuthError> {
-        let stamp = FileStamp::of(&self.clients_path).map_err(|source| AuthError::Read {
-            what: "client list",
-            path: self.clients_path.clone(),
-            source,
-        })?;
-        {
-            let st = lock(&self.clients);
-            let recent = stamp.is_recent();
-            if !recent && (st.stamp == Some(stamp) || st.bad_stamp == Some(stamp)) {
-                return Ok(None);
-            }
+    /// Reads the list if a new version has settled (listwatch.rs); `Ok(None)`
+    /// if there is none or it holds the same clients. A version that fails
+    /// to load is reported once and the previous list stays in force.
+    fn reload_if_changed(&self, now: std::time::Instant) -> Result<Option<usize>, AuthError> {
+        let Some(due) = lock(&self.clients).watch.poll(now) else {
+            return Ok(None);
+        };
+        lock(&self.clients).watch.was_read(due);
+        if due.stalled_writer {
+            log::warn!(
+                "client list `{}` has been open for writing without a change for {:?}: reading it as it stands",
+                self.clients_path.display(),
+                super::listwatch::WRITER_STALL
+            );
         }
-        match ClientList::load(&self.clients_path) {
-            Ok(list) => {
-                if *lock(&self.clients).list == list {
-                    lock(&self.clients).stamp = Some(stamp);
-                    return Ok(None);
-                }
-                Ok(Some(self.install(list, Some(stamp))))
-            }
-            Err(e) => {
-                let mut st = lock(&self.clients);
-                let first = st.bad_stamp != Some(stamp);
-                st.bad_stamp = Some(stamp);
-                if first { Err(e) } else { Ok(None) }
-            }
+        let list = ClientList::load(&self.clients_path)?;
+        if *lock(&self.clients).list == list {
+            return Ok(None);
         }
+        Ok(Some(self.install(list)))
     }
 
-    fn install(&self, list: ClientList, stamp: Option<FileStamp>) -> usize {
+    fn install(&self, list: ClientList) -> usize {
         let n = list.len();
         let mut st = lock(&self.clients);
         let mut removed: Vec<&str> = st.list.ids().filter(|id| !list.contains(id)).collect();
@@ -553,15 +519,14 @@ impl Shared {
             removed.join(", ")
         );
         st.list = Arc::new(list);
-        st.stamp = stamp;
-        st.bad_stamp = None;
+        st.generation = st.generation.wrapping_add(1);
         n
     }
 
+    /// Checks a credential against the list in force. It does not reload:
+    /// only the daemon's tick does (every 100 ms), so every reload is seen
+    /// by the code that drops revoked clients' entries.
     fn check(&self, hello: &Hello) -> Verdict {
-        if let Err(e) = self.reload_if_changed() {
-            log::error!("{e}; keeping the previous client list");
-        }
         let list = lock(&self.clients).list.clone();
         list.check(&hello.id, &hello.secret)
     }

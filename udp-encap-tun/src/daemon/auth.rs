@@ -42,7 +42,8 @@ pub struct Auth {
     /// Server: which client id each entry belongs to (revocation).
     pub owners: HashMap<SocketAddrV4, String>,
     queue: AuthQueue,
-    last_reload_check: Option<Instant>,
+    /// The client list's generation the entries were last checked against.
+    list_generation: u64,
 }
 
 impl Auth {
@@ -55,7 +56,7 @@ impl Auth {
             client: None,
             owners: HashMap::new(),
             queue: AuthQueue::default(),
-            last_reload_check: None,
+            list_generation: 0,
         };
         match mode {
             auth::AuthMode::Insecure => {
@@ -90,6 +91,14 @@ impl Auth {
 
     /// Server: a client proved its credential; create or refresh its entry.
     pub fn admit(&mut self, req: auth::AuthRequest, core: &mut Core, gate: &mut Gate, counters: &Counters, lease: Duration) {
+        // The credential was checked against the list of that moment; a
+        // reload since may have revoked it (its entries already dropped).
+        if let Some((h, _)) = &self.server
+            && !h.is_known_client(&req.client_id)
+        {
+            let _ = req.reply.send(Err(auth::Refused::BadCredential));
+            return;
+        }
         let answer = match core.admit(req.peer, Instant::now(), gate) {
             Ok(addr) => {
                 // A valid credential can reconnect at will: bounded.
@@ -171,18 +180,19 @@ impl Auth {
             }
             self.queue.prune(now);
         }
-        if self.server.is_some() && self.last_reload_check.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
-            self.last_reload_check = Some(now);
-            if let Some((h, _)) = &self.server {
-                match h.reload_if_changed() {
-                    Ok(Some(n)) => {
-                        log::info!("client list changed: {n} clients");
-                        self.drop_revoked(core, gate);
-                    }
-                    Ok(None) => {}
-                    Err(e) => log::error!("client list unreadable, keeping the old one: {e}"),
-                }
+        let changed = self.server.as_ref().is_some_and(|(h, _)| {
+            // A stat (and an inotify read) every tick: a settled new list is
+            // read within SETTLE + one tick (listwatch.rs).
+            match h.reload_if_changed(now) {
+                Ok(Some(n)) => log::info!("client list changed: {n} clients"),
+                Ok(None) => {}
+                Err(e) => log::error!("client list unreadable, keeping the old one: {e}"),
             }
+            // Whoever reloaded it, a new list is checked against the entries.
+            h.generation() != self.list_generation
+        });
+        if changed {
+            self.drop_revoked(core, gate);
         }
     }
 
@@ -204,6 +214,7 @@ impl Auth {
     /// Removes at once the entries of clients no longer in the list.
     fn drop_revoked(&mut self, core: &mut Core, gate: &mut Gate) {
         let Some((h, _)) = &self.server else { return };
+        self.list_generation = h.generation();
         let revoked: Vec<_> = self
             .owners
             .iter()
