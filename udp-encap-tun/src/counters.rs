@@ -85,10 +85,13 @@ pub enum Traffic {
     TunWrites,
     UdpSendCalls,
     UdpRecvCalls,
+    /// GSO trains the kernel refused for their size, sent one datagram per
+    /// call instead (batch.rs).
+    UdpGsoRefused,
 }
 
 impl Traffic {
-    pub const ALL: [Traffic; 15] = [
+    pub const ALL: [Traffic; 16] = [
         Traffic::TunRxPackets,
         Traffic::TunRxBytes,
         Traffic::UdpTxPackets,
@@ -104,6 +107,7 @@ impl Traffic {
         Traffic::TunWrites,
         Traffic::UdpSendCalls,
         Traffic::UdpRecvCalls,
+        Traffic::UdpGsoRefused,
     ];
 
     pub fn name(self) -> &'static str {
@@ -123,6 +127,7 @@ impl Traffic {
             Traffic::TunWrites => "tun_writes",
             Traffic::UdpSendCalls => "udp_send_calls",
             Traffic::UdpRecvCalls => "udp_recv_calls",
+            Traffic::UdpGsoRefused => "udp_gso_refused",
         }
     }
 }

@@ -3,6 +3,8 @@
 //! end.
 //!
 //! - revocation within a second while another client authenticates (item 1);
+//! - a forged ICMP "fragmentation needed, MTU 552" in the middle of a
+//!   download, and a GSO train refused for its size (item 2);
 //! - a client list rewritten in place (item 4).
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
@@ -20,6 +22,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use common::*;
 
@@ -386,6 +389,180 @@ fn revocation_takes_effect_although_another_client_authenticates_at_that_moment(
     );
     let c = transfer_from(&bob_h.ns, SocketAddrV4::new(s.addr, BOB_APP), Transfer::new(2, 256 * KIB, 256 * KIB));
     assert_transfer_ok(&c, &app.next(Duration::from_secs(30)));
+}
+
+// ================================================================ item 2
+
+/// An ICMP "fragmentation needed" (type 3 code 4) with next-hop MTU `mtu`,
+/// from `from` to `to`, quoting a UDP datagram `quoted_src` -> `quoted_dst`
+/// of `quoted_len` bytes: what an off-path host can send, since it needs
+/// no answer.
+fn frag_needed(from: Ipv4Addr, to: Ipv4Addr, mtu: u16, quoted_src: SocketAddrV4, quoted_dst: SocketAddrV4, quoted_len: u16) -> Vec<u8> {
+    fn csum(b: &[u8]) -> [u8; 2] {
+        let mut sum: u32 = b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        (!(sum as u16)).to_be_bytes()
+    }
+    let mut inner = vec![0x45, 0];
+    inner.extend_from_slice(&quoted_len.to_be_bytes());
+    inner.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
+    inner.extend_from_slice(&quoted_src.ip().octets());
+    inner.extend_from_slice(&quoted_dst.ip().octets());
+    let c = csum(&inner);
+    inner[10..12].copy_from_slice(&c);
+    inner.extend_from_slice(&quoted_src.port().to_be_bytes());
+    inner.extend_from_slice(&quoted_dst.port().to_be_bytes());
+    inner.extend_from_slice(&(quoted_len - 20).to_be_bytes());
+    inner.extend_from_slice(&[0, 0]);
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&inner);
+    let c = csum(&icmp);
+    icmp[2..4].copy_from_slice(&c);
+    let total = u16::try_from(20 + icmp.len()).unwrap();
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0xab, 0xcd, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    let c = csum(&ip);
+    ip[10..12].copy_from_slice(&c);
+    ip.extend_from_slice(&icmp);
+    ip
+}
+
+/// Sends a raw IPv4 packet (IP_HDRINCL) from the calling thread's namespace.
+fn send_raw(pkt: &[u8], to: Ipv4Addr) {
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))).unwrap();
+    s.send_to(pkt, &SockAddr::from(SocketAddrV4::new(to, 0))).unwrap();
+}
+
+/// An off-path host forges ICMP "fragmentation needed, MTU 552" quoting the
+/// server's datagrams to the client, in the middle of a 24 MB download
+/// spread over seconds. The kernel learns the MTU (`ip route get` shows
+/// it), but the daemon's socket ignores learned path MTUs: the same TCP
+/// connection finishes intact, no send was refused (`udp_gso_refused` 0,
+/// `discard_io_error` 0), GSO is still on, nothing was fragmented (the
+/// client's gate dropped no fragment).
+#[test]
+fn a_forged_fragmentation_needed_does_not_black_hole_a_download() {
+    const PORT: u16 = 42620;
+    const APP: u16 = 5620;
+    let topo = routed("hicmp");
+    let s = &topo.server;
+    let (c, attacker) = (topo.client(0), topo.client(1));
+    let tun = s.add_server_tun();
+    c.add_client_tun(s.addr);
+    let art = ArtifactDir::new("hicmp-creds");
+    let creds = Creds::new(&art);
+    let alice = creds.client("alice");
+    let server = spawn_server(s, &tun, PORT, "hicmp-server", Some(&creds), &[]);
+    let client = spawn_client(c, "hicmp-client", PORT, PORT, &alice);
+    let paced = PacedServer::start(&s.ns, APP);
+
+    // 24 MB in 128 KB chunks every 32 ms: about 6 s.
+    let dl = Download::start(&c.ns, SocketAddrV4::new(s.addr, APP), 24 * MIB, 128 * 1024, Duration::from_millis(32), Duration::from_secs(15));
+    dl.wait_bytes(6 * MIB, Duration::from_secs(30));
+    let route = || run_cmd(Command::new("ip").args(["-n", s.ns.name(), "route", "get", &c.addr.to_string()]));
+    assert!(!route().contains("mtu"), "a path MTU before the attack: {}", route());
+    let forged = frag_needed(
+        attacker.addr,
+        s.addr,
+        552,
+        SocketAddrV4::new(s.addr, PORT),
+        SocketAddrV4::new(c.addr, PORT),
+        1408,
+    );
+    in_netns(&attacker.ns, || {
+        for _ in 0..3 {
+            send_raw(&forged, s.addr);
+        }
+    });
+    wait_until(Duration::from_secs(5), "the server to learn path MTU 552", || route().contains("mtu 552"));
+    let learned = route();
+    let at = dl.got.load(Ordering::Relaxed);
+    eprintln!("forged ICMP landed at {at} bytes; the server's route now: {}", learned.trim());
+    assert!(at < 20 * MIB, "the attack landed too late to strike mid-transfer ({at} bytes)");
+    dl.assert_intact(&paced);
+
+    let st = server.status();
+    assert!(route().contains("mtu 552"), "the learned MTU expired during the test: {}", route());
+    assert_eq!(st.counter("discard_io_error"), 0, "sends failed:\n{}", st.raw);
+    assert_eq!(st.counter("udp_gso_refused"), 0, "GSO trains were refused:\n{}", st.raw);
+    assert!(st.raw.contains("udp_gso on"), "GSO was turned off:\n{}", st.raw);
+    assert!(
+        st.counter("udp_tx_packets") > 2 * st.counter("udp_send_calls"),
+        "the download did not leave in GSO trains:\n{}",
+        st.raw
+    );
+    let cst = client.status();
+    assert_eq!(cst.counter("xdp_drop_fragment"), 0, "fragments reached the client:\n{}", cst.raw);
+    assert_eq!(cst.counter("discard_malformed"), 0, "{}", cst.raw);
+}
+
+/// A GSO train that the kernel refuses for its size (here: a socket that
+/// honours a path MTU of 552, as one without IP_PMTUDISC_PROBE does) still
+/// reaches its peer, one datagram per call, counted under
+/// `udp_gso_refused`, and GSO stays on for every other destination.
+#[test]
+fn a_gso_train_refused_for_its_size_still_reaches_the_peer() {
+    use udp_encap_tun::counters::{Counters, Traffic};
+    use udp_encap_tun::edge::batch::BatchUdp;
+    const RX: u16 = 42630;
+    let topo = Topology::two_hosts("hgso");
+    let (s, c) = (&topo.server, topo.client(0));
+    c.ns.addr_add(&c.uplink, "192.0.2.3/24");
+    s.ns.ip(&["route", "add", "192.0.2.2/32", "dev", &s.uplink, "mtu", "lock", "552"]);
+    let tx = in_netns(&s.ns, || {
+        let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        let want: libc::c_int = libc::IP_PMTUDISC_WANT;
+        // SAFETY: valid fd, pointer and length of a live c_int.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&want as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "IP_MTU_DISCOVER");
+        sock.bind(&SockAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        std::net::UdpSocket::from(sock)
+    });
+    let rx = in_netns(&c.ns, || std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, RX))).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let datagrams: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 1000]).collect();
+    let counters = Arc::new(Counters::default());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (calls_small, calls_normal, gso_after) = rt.block_on(async {
+        let udp = BatchUdp::new(tokio::net::UdpSocket::from_std(tx).unwrap(), counters.clone());
+        assert!(udp.gso(), "no UDP GSO on this kernel");
+        let iov: Vec<io::IoSlice> = datagrams.iter().map(|d| io::IoSlice::new(d)).collect();
+        let a = udp
+            .send(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), RX), &iov, 1)
+            .await
+            .expect("the train to the 552-byte path was not sent");
+        let b = udp
+            .send(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 3), RX), &iov, 1)
+            .await
+            .expect("the train to the other destination was not sent");
+        (a, b, udp.gso())
+    });
+    let mut buf = [0u8; 2000];
+    for round in ["to the 552-byte path", "to the other destination"] {
+        for (i, d) in datagrams.iter().enumerate() {
+            let n = rx.recv(&mut buf).unwrap_or_else(|e| panic!("datagram {i} {round} missing: {e}"));
+            assert_eq!(&buf[..n], &d[..], "datagram {i} {round}");
+        }
+    }
+    assert_eq!(calls_small, 10, "the refused train went one datagram per call");
+    assert_eq!(counters.traffic(Traffic::UdpGsoRefused), 1);
+    assert!(gso_after, "one refused train turned GSO off for everyone");
+    assert_eq!(calls_normal, 1, "the next destination's train was not one GSO send");
 }
 
 // ================================================================ item 4

@@ -68,7 +68,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if offload {
         tun::limit_super_segments(&args.interface, host.path_mtu());
     }
-    let udp = BatchUdp::new(udp::open(args.listen_port, &args.bind_to_interface)?);
+    let udp = BatchUdp::new(udp::open(args.listen_port, &args.bind_to_interface)?, counters.clone());
     let mut gate = gate::open(&args)?;
     let mut auth = Auth::start(auth_mode, &args, &counters)?;
 
