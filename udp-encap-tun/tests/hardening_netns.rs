@@ -5,7 +5,9 @@
 //! - revocation within a second while another client authenticates (item 1);
 //! - a forged ICMP "fragmentation needed, MTU 552" in the middle of a
 //!   download, and a GSO train refused for its size (item 2);
-//! - a client list rewritten in place (item 4).
+//! - a client list rewritten in place (item 4);
+//! - log floods from spoofed sources and from many addresses (item 7, and
+//!   issue 13's decision 9: count the lines).
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -646,4 +648,168 @@ fn a_client_list_rewritten_in_place_is_read_only_once_it_has_settled() {
     assert!(bpf_peer_keys(&server).is_empty());
     let log = server.log_text();
     assert!(log.contains("client alice revoked") && log.contains("client bob revoked"), "{}", server.log_tail(30));
+}
+
+// ================================================================ item 7
+
+/// An IPv4/UDP datagram from a spoofed `src` to `dst` carrying a 20-byte
+/// TCP header (ACK): a well-formed segment, so only the store can refuse
+/// it. UDP checksum 0 (none), which IPv4 allows.
+fn spoofed_segment(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    let mut p = vec![0x45, 0, 0, 48, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    p.extend_from_slice(&src.ip().octets());
+    p.extend_from_slice(&dst.ip().octets());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&[0, 28, 0, 0]);
+    p.extend_from_slice(&[0x9c, 0x41, 0, 80, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x10, 0x20, 0, 0, 0, 0, 0]);
+    p
+}
+
+/// `n` datagrams from `n` spoofed (saddr, sport), from the calling thread's
+/// namespace, spread over about `n` ms. Returns how long it took.
+fn spoofed_flood(dst: SocketAddrV4, n: u32, salt: u32) -> Duration {
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))).unwrap();
+    let t0 = Instant::now();
+    for i in 0..n {
+        // 198.19.128.0/17, a fresh address and port per datagram.
+        let a = Ipv4Addr::from(0xc613_8000 | ((i.wrapping_mul(2_654_435_761) ^ salt) & 0x7fff));
+        let src = SocketAddrV4::new(a, 1024 + (i % 60_000) as u16);
+        s.send_to(&spoofed_segment(src, dst), &SockAddr::from(SocketAddrV4::new(*dst.ip(), 0))).unwrap();
+        if i % 10 == 9 {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    t0.elapsed()
+}
+
+/// Lines of `log` after the first `skip`.
+fn lines_after(log: &str, skip: usize) -> Vec<String> {
+    log.lines().skip(skip).map(str::to_string).collect()
+}
+
+/// Issue 13, decision 9: a version-1 server flooded from spoofed sources
+/// (a new (saddr, sport) every datagram) counts every refusal but writes a
+/// few log lines a second: first with a full XDP map (the core's "refused
+/// peer" and the gate's "map full"), then with a full pool. The daemon's
+/// replies to those sources fail (no route back) and are bounded too.
+#[test]
+fn a_flood_from_spoofed_sources_is_counted_and_logs_a_few_lines_a_second() {
+    const PORT: u16 = 42650;
+    const N: u32 = 3000;
+    let topo = Topology::two_hosts("hflood");
+    let (s, attacker) = (&topo.server, topo.client(0));
+    let tun = s.add_server_tun();
+    for k in ["all", "default", s.uplink.as_str()] {
+        s.ns.sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "0");
+    }
+    let dst = SocketAddrV4::new(s.addr, PORT);
+    for (label, map_size, created, what) in [
+        ("hflood-map", "3", 3u64, "refused peer"),
+        ("hflood-pool", "64", 5u64, "every address of the pool is taken"),
+    ] {
+        let server = spawn_server(s, &tun, PORT, label, None, &["--pool", "198.18.0.0/29", "--xdp-map-size", map_size]);
+        let before = server.log_text().lines().count();
+        let took = in_netns(&attacker.ns, move || spoofed_flood(dst, N, map_size.len() as u32));
+        let st = server.wait_status(Duration::from_secs(10), "every datagram counted", |st| {
+            st.counter("entries_created") + st.counter("discard_pool_full") >= u64::from(N)
+        });
+        thread::sleep(Duration::from_millis(1100)); // the last second's lines
+        let lines = lines_after(&server.log_text(), before);
+        let refused = lines.iter().filter(|l| l.contains(what)).count();
+        let secs = took.as_secs() + 2;
+        eprintln!(
+            "{label}: {N} spoofed datagrams in {took:?}: {} log lines, {refused} of them `{what}`; counters created {} pool_full {}",
+            lines.len(),
+            st.counter("entries_created"),
+            st.counter("discard_pool_full")
+        );
+        assert_eq!(st.counter("entries_created"), created, "{}", st.raw);
+        assert_eq!(st.counter("discard_pool_full"), u64::from(N) - created, "every refusal counted:\n{}", st.raw);
+        assert!(refused >= 1, "the refusal was never logged:\n{}", lines.join("\n"));
+        assert!(
+            refused as u64 <= secs,
+            "{refused} `{what}` lines for {N} datagrams in {took:?}:\n{}",
+            lines.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
+        );
+        // Every site together: a few lines a second, whatever the flood.
+        assert!(
+            lines.len() as u64 <= 25 * secs,
+            "{} log lines for {N} datagrams in {took:?}:\n{}",
+            lines.len(),
+            lines.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
+        );
+        drop(server);
+    }
+}
+
+/// Failed authentications from 100 addresses, 3 each, garbage instead of
+/// TLS: every one counted, a few log lines a second.
+#[test]
+fn failed_authentications_from_many_addresses_log_a_few_lines_a_second() {
+    const PORT: u16 = 42660;
+    let topo = Topology::two_hosts("hauthflood");
+    let (s, c) = (&topo.server, topo.client(0));
+    let tun = s.add_server_tun();
+    let art = ArtifactDir::new("hauthflood-creds");
+    let creds = Creds::new(&art);
+    let server = spawn_server(s, &tun, PORT, "hauthflood-server", Some(&creds), &[]);
+    let addrs: Vec<Ipv4Addr> = (100..200).map(|i| Ipv4Addr::new(192, 0, 2, i)).collect();
+    for a in &addrs {
+        c.ns.addr_add(&c.uplink, &format!("{a}/24"));
+    }
+    let before = server.log_text().lines().count();
+    let dest = SocketAddrV4::new(s.addr, PORT);
+    let uplink = c.uplink.clone();
+    let t0 = Instant::now();
+    let attempts = in_netns(&c.ns, move || {
+        let mut n = 0u64;
+        for _round in 0..3 {
+            for a in &addrs {
+                let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+                sock.bind_device(Some(uplink.as_bytes())).unwrap();
+                sock.bind(&SockAddr::from(SocketAddrV4::new(*a, 0))).unwrap();
+                if sock.connect_timeout(&SockAddr::from(dest), Duration::from_secs(3)).is_err() {
+                    continue;
+                }
+                let mut t: TcpStream = sock.into();
+                let _ = t.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut b = [0u8; 512];
+                while matches!(t.read(&mut b), Ok(n) if n > 0) {}
+                n += 1;
+            }
+        }
+        n
+    });
+    let took = t0.elapsed();
+    let st = server.wait_status(Duration::from_secs(10), "every attempt counted", |st| {
+        st.counter("auth_garbage") + st.counter("auth_rate_limited") + st.counter("auth_closed_early") >= attempts
+    });
+    thread::sleep(Duration::from_millis(1100));
+    let lines = lines_after(&server.log_text(), before);
+    let secs = took.as_secs() + 2;
+    eprintln!(
+        "{attempts} failed attempts from 100 addresses in {took:?}: {} log lines; garbage {} rate_limited {}",
+        lines.len(),
+        st.counter("auth_garbage"),
+        st.counter("auth_rate_limited")
+    );
+    assert!(attempts >= 250, "only {attempts} attempts connected");
+    assert!(st.counter("auth_garbage") >= 100, "{}", st.raw);
+    assert_eq!(
+        st.counter("discard_auth_failure"),
+        st.counter("auth_garbage") + st.counter("auth_rate_limited") + st.counter("auth_closed_early")
+            + st.counter("auth_tls_error") + st.counter("auth_timeout") + st.counter("auth_too_many_connections")
+            + st.counter("auth_bad_credential"),
+        "{}",
+        st.raw
+    );
+    assert!(lines.iter().any(|l| l.contains("not our protocol")), "never logged:\n{}", lines.join("\n"));
+    assert!(
+        lines.len() as u64 <= 15 * secs,
+        "{} log lines for {attempts} attempts in {took:?}:\n{}",
+        lines.len(),
+        lines.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
+    );
 }
