@@ -1,13 +1,17 @@
 //! Issue 14 (hardening), seen from outside: real namespaces, the real
 //! daemon binary, real TLS, real TCP applications, bytes checked at the far
-//! end.
+//! end; and an unprivileged local user that is really unprivileged
+//! (`setpriv --reuid 65534`).
 //!
 //! - revocation within a second while another client authenticates (item 1);
 //! - a forged ICMP "fragmentation needed, MTU 552" in the middle of a
 //!   download, and a GSO train refused for its size (item 2);
 //! - a client list rewritten in place (item 4);
 //! - log floods from spoofed sources and from many addresses (item 7, and
-//!   issue 13's decision 9: count the lines).
+//!   issue 13's decision 9: count the lines);
+//! - the status socket against other users and a squatter, a listener on
+//!   the client's `--listen-port` (item 8);
+//! - the status socket's accept loop at EMFILE (item 12).
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -16,8 +20,9 @@ mod common;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
@@ -30,6 +35,7 @@ use common::*;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
+const NOBODY: &str = "65534";
 
 // ---------------------------------------------------------------- credentials
 
@@ -301,6 +307,65 @@ impl Download {
         assert_eq!(hex(&sha), hex(&sent_sha), "download SHA-256 differs from the server's");
         assert_eq!(hex(&sha), hex(&payload_sha(len, seed)), "download SHA-256 differs from the payload's");
     }
+}
+
+// ---------------------------------------------------------------- local users
+
+/// A process run as the unprivileged uid 65534 in a namespace, killed (by
+/// its pid) when dropped.
+struct AsNobody {
+    child: Option<Child>,
+}
+
+impl AsNobody {
+    fn spawn(ns: &Netns, argv: &[&str]) -> AsNobody {
+        let child = ns
+            .cmd("setpriv")
+            .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "--"])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        AsNobody { child: Some(child) }
+    }
+
+    /// nsenter and setpriv exec: the child's pid is the program's.
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for AsNobody {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `argv` as uid 65534 in `ns` to completion.
+fn run_as_nobody(ns: &Netns, argv: &[&str]) -> std::process::Output {
+    ns.cmd("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "--"])
+        .args(argv)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn status_cmd(ns: &Netns, tun: &str) -> std::process::Output {
+    ns.cmd(BIN).args(["status", "--interface", tun]).stdin(Stdio::null()).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }
 
 // ================================================================ item 1
@@ -812,4 +877,219 @@ fn failed_authentications_from_many_addresses_log_a_few_lines_a_second() {
         lines.len(),
         lines.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
     );
+}
+
+// ================================================================ item 8
+
+/// The status socket answers root and the daemon's user only: uid 65534
+/// gets a refusal and a non-zero exit, no counters.
+#[test]
+fn the_status_socket_refuses_an_unprivileged_user() {
+    const PORT: u16 = 42670;
+    let topo = Topology::two_hosts("hperm");
+    let s = &topo.server;
+    let tun = s.add_server_tun();
+    let server = spawn_server(s, &tun, PORT, "hperm-server", None, &[]);
+    let out = run_as_nobody(&s.ns, &[BIN, "status", "--interface", &tun]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "status as uid 65534 exited 0:\n{stdout}{stderr}");
+    assert!(stderr.contains("only root or the daemon's user"), "{stderr}");
+    assert!(!stdout.contains("counter ") && !stderr.contains("counter "), "{stdout}{stderr}");
+    // Root still reads it.
+    assert!(server.status().raw.contains("counter discard_io_error"));
+}
+
+/// A local user binds the status socket's abstract name before the daemon
+/// starts, and answers with made-up counters. The daemon starts anyway and
+/// says who squats the name; the tunnel works; `status` refuses to show
+/// the squatter's answer and names it; once the squatter is gone the
+/// daemon claims the name and `status` works.
+#[test]
+fn a_squatter_on_the_status_name_does_not_stop_the_daemon() {
+    const PORT: u16 = 42680;
+    const APP: u16 = 5680;
+    let topo = Topology::two_hosts("hsquat");
+    let (s, c) = (&topo.server, topo.client(0));
+    let tun = s.add_server_tun();
+    c.add_client_tun(s.addr);
+    let art = ArtifactDir::new("hsquat-creds");
+    let creds = Creds::new(&art);
+    let alice = creds.client("alice");
+    let name = format!("udp-encap-tun/{tun}");
+    let mut squatter = AsNobody::spawn(
+        &s.ns,
+        &["socat", &format!("ABSTRACT-LISTEN:{name},fork"), "SYSTEM:echo counter discard_io_error 0"],
+    );
+    wait_until(Duration::from_secs(5), "the squatter to bind the name", || {
+        in_netns(&s.ns, || fs::read_to_string("/proc/thread-self/net/unix").unwrap()).contains(&format!("@{name}"))
+    });
+
+    let e = creds.server_args();
+    let e: Vec<&str> = e.iter().map(String::as_str).collect();
+    let mut server = Daemon::spawn_no_wait(&s.ns, "hsquat-server", &daemon_args(&tun, &s.uplink, PORT, None, &e));
+    let pid = squatter.pid();
+    wait_until(Duration::from_secs(15), "the daemon to name the squatter", || {
+        assert!(server.try_exit().is_none(), "the daemon exited:\n{}", server.log_tail(30));
+        let log = server.log_text();
+        log.contains("is held by uid 65534") && log.contains("authentication on TCP port")
+    });
+    let log = server.log_text();
+    assert!(log.contains(&format!("pid {pid}")), "the squatter's pid is not named:\n{}", server.log_tail(20));
+
+    // The tunnel works.
+    let client = spawn_client(c, "hsquat-client", PORT, PORT, &alice);
+    let app = AppServer::start(&s.ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+    let r = transfer_from(&c.ns, SocketAddrV4::new(s.addr, APP), Transfer::new(1, 512 * KIB, 512 * KIB));
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+    assert_eq!(client.counter("auth_granted"), 1);
+
+    // `status` does not believe the squatter.
+    let out = status_cmd(&s.ns, &tun);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "status printed the squatter's answer:\n{stdout}");
+    assert!(stderr.contains("held by uid 65534") && stderr.contains(&format!("pid {pid}")), "{stderr}");
+    assert!(!stdout.contains("counter"), "{stdout}");
+
+    // Gone: the daemon claims its name.
+    squatter.kill();
+    server.wait_ready(Duration::from_secs(10));
+    let st = server.status();
+    assert_eq!(st.peers.len(), 1, "{}", st.raw);
+    assert!(server.log_text().contains("now served by this daemon"));
+}
+
+/// A local user listens on the client's `--listen-port` TCP port, from
+/// which every authentication must connect: the client refuses to start,
+/// names the listener and says what to do, and leaves nothing behind.
+/// Without the listener it starts; a listener that appears later is named
+/// when an authentication fails.
+#[test]
+fn a_listener_on_the_clients_listen_port_is_named() {
+    const PORT: u16 = 42690;
+    const APP: u16 = 5690;
+    let topo = Topology::two_hosts("hport");
+    let (s, c) = (&topo.server, topo.client(0));
+    let tun = s.add_server_tun();
+    c.add_client_tun(s.addr);
+    s.ns.addr_add(&s.uplink, "192.0.2.9/24");
+    c.ns.ip(&["route", "add", "192.0.2.9/32", "dev", "tun0", "src", &CLIENT_TUN.to_string()]);
+    let art = ArtifactDir::new("hport-creds");
+    let creds = Creds::new(&art);
+    let alice = creds.client("alice");
+    let _server = spawn_server(s, &tun, PORT, "hport-server", Some(&creds), &[]);
+    let listening = |ns: &Netns| {
+        in_netns(ns, || fs::read_to_string("/proc/thread-self/net/tcp").unwrap())
+            .contains(&format!(":{PORT:04X} 00000000:0000 0A"))
+    };
+    let mut squatter = AsNobody::spawn(&c.ns, &["socat", &format!("TCP-LISTEN:{PORT},reuseaddr,fork"), "SYSTEM:true"]);
+    wait_until(Duration::from_secs(5), "the local listener", || listening(&c.ns));
+
+    let mut d = Daemon::spawn_no_wait(&c.ns, "hport-client", &client_args(c, PORT, PORT, &alice));
+    let st = wait_for(Duration::from_secs(20), "the client to refuse to start", || d.try_exit());
+    let log = d.log_text();
+    assert!(!st.success(), "the client started:\n{log}");
+    let pid = squatter.pid();
+    for want in [format!("TCP port {PORT}"), "uid 65534".into(), format!("pid {pid}"), "another --listen-port".into()] {
+        assert!(log.contains(&want), "no `{want}` in the error:\n{log}");
+    }
+    let ino = fs::metadata(c.ns.path()).unwrap().ino();
+    let left: Vec<_> = fs::read_dir("/sys/fs/bpf/udp-encap-tun")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!left.iter().any(|n: &String| n.starts_with(&format!("{ino}-"))), "pins left behind: {left:?}");
+
+    squatter.kill();
+    let client = spawn_client(c, "hport-client2", PORT, PORT, &alice);
+    let app = AppServer::start(&s.ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+    let r = transfer_from(&c.ns, SocketAddrV4::new(s.addr, APP), Transfer::new(1, 256 * KIB, 256 * KIB));
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+
+    // A listener that appears later is named when an authentication fails.
+    let _squatter2 = AsNobody::spawn(&c.ns, &["socat", &format!("TCP-LISTEN:{PORT},reuseaddr,fork"), "SYSTEM:true"]);
+    wait_until(Duration::from_secs(5), "the second listener", || listening(&c.ns));
+    let _ = in_netns(&c.ns, || {
+        TcpStream::connect_timeout(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 9), APP)), Duration::from_secs(2))
+    });
+    wait_until(Duration::from_secs(10), "the failed authentication to name the listener", || {
+        let log = client.log_text();
+        log.contains("authentication with 192.0.2.9 failed") && log.contains("held by uid 65534")
+    });
+}
+
+// ================================================================ item 12
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5), counted from the state (field 3).
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The lowest descriptor number `pid` does not use: with RLIMIT_NOFILE set
+/// to it, the process can open nothing more.
+fn lowest_free_fd(pid: i32) -> u64 {
+    let used: Vec<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap()
+}
+
+/// The soft RLIMIT_NOFILE of `pid` (`Max open files` in /proc/PID/limits).
+fn soft_nofile(pid: i32) -> String {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    line.split_whitespace().nth(3).unwrap().to_string()
+}
+
+/// The daemon out of descriptors (EMFILE) with a status connection waiting
+/// in the backlog: the accept loop backs off (logged, bounded) instead of
+/// spinning on the error, and serves again once descriptors are free.
+#[test]
+fn the_status_accept_loop_backs_off_at_emfile() {
+    const PORT: u16 = 42700;
+    let topo = Topology::two_hosts("hemfile");
+    let s = &topo.server;
+    let tun = s.add_server_tun();
+    let server = spawn_server(s, &tun, PORT, "hemfile-server", None, &[]);
+    let pid = server.pid();
+    let limit = lowest_free_fd(pid);
+    // The soft limit only: raising a hard limit again needs CAP_SYS_RESOURCE.
+    let soft = soft_nofile(pid);
+    run_cmd(Command::new("prlimit").arg(format!("--pid={pid}")).arg(format!("--nofile={limit}:")));
+    let before = server.log_text().lines().count();
+    // A status query that cannot be accepted: it waits in the backlog.
+    let waiting = s.ns.cmd(BIN).args(["status", "--interface", &tun]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut waiting = Guard(waiting);
+    thread::sleep(Duration::from_millis(300));
+    let cpu0 = cpu_seconds(pid);
+    let t0 = Instant::now();
+    thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(pid) - cpu0;
+    let window = t0.elapsed();
+    let lines = lines_after(&server.log_text(), before);
+    let emfile = lines.iter().filter(|l| l.contains("accepting a status connection failed")).count();
+    eprintln!("at EMFILE the daemon used {used:.3} s of CPU in {window:?} and logged {emfile} lines about it");
+    run_cmd(Command::new("prlimit").arg(format!("--pid={pid}")).arg(format!("--nofile={soft}:")));
+    assert!(emfile >= 1, "the accept failure was never logged:\n{}", lines.join("\n"));
+    assert!(emfile <= 4, "{emfile} lines in {window:?}:\n{}", lines.join("\n"));
+    assert!(used < 0.5, "the accept loop spun: {used:.3} s of CPU in {window:?}");
+    // Served again.
+    let _ = waiting.0.wait();
+    assert!(server.status().raw.contains("counter discard_io_error"));
+}
+
+/// Kills (by pid) and reaps a child when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -80,6 +80,7 @@ impl Auth {
                 let port = args.endpoint_port.unwrap_or(args.listen_port);
                 let client = auth::AuthClient::new(cfg, args.listen_port, &args.bind_to_interface, port)
                     .map_err(|e| anyhow!("{e}"))?;
+                client.check_source_port().map_err(|e| anyhow!("{e}"))?;
                 let (tx, rx) = mpsc::channel(64);
                 a.client = Some(Arc::new(client));
                 a.done = Some(rx);
