@@ -69,10 +69,20 @@ pub fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Hello {
     pub id: String,
     pub secret: [u8; SECRET_LEN],
+}
+
+/// The secret never reaches a log line or a panic message.
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 impl Hello {
@@ -235,6 +245,18 @@ mod tests {
     use super::*;
 
     const SECRET: [u8; 32] = [7; 32];
+
+    #[test]
+    fn debug_output_does_not_show_the_secret() {
+        let secret: [u8; 32] = std::array::from_fn(|i| 0xa0 + i as u8);
+        let h = Hello { id: "alice".into(), secret };
+        for text in [format!("{h:?}"), format!("{h:#?}")] {
+            assert!(text.contains("alice") && text.contains("redacted"), "{text}");
+            // Neither the bytes as Debug prints them nor as hex.
+            assert!(!text.contains("160") && !text.contains("161, 162"), "{text}");
+            assert!(!text.contains("a0a1a2"), "{text}");
+        }
+    }
 
     #[test]
     fn hello_round_trip_and_fixture() {

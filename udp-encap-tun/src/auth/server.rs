@@ -22,11 +22,12 @@ use std::time::{Duration, Instant};
 use log::Level;
 
 use rustls::ServerConfig;
+use rustls::server::Acceptor;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use super::credentials::{ClientList, Verdict, load_certs, load_key};
 use super::listwatch::{FileStamp, ListWatch};
@@ -532,6 +533,15 @@ impl Shared {
     }
 }
 
+/// A plaintext TLS alert record (RFC 8446 6, 6.2): fatal
+/// `no_application_protocol` (120), what RFC 7301 3.2 has a server send
+/// when it cannot agree on a protocol.
+const NO_APPLICATION_PROTOCOL_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 120];
+
+fn offers_alpn(hello: &rustls::server::ClientHello<'_>) -> bool {
+    hello.alpn().is_some_and(|mut offered| offered.any(|p| p == ALPN))
+}
+
 /// Sorts a handshake error into garbage (not TLS at all), the peer going
 /// away, or a TLS failure proper (bad alert, wrong version, our certificate
 /// refused by the client, ...).
@@ -565,9 +575,23 @@ async fn serve(
     let deadline = shared.timeout;
     // Phase 1, under the deadline: TLS handshake and the hello.
     let phase1 = tokio::time::timeout(deadline, async {
-        let mut tls = shared
-            .acceptor
-            .accept(stream)
+        // The ClientHello first: a client that does not offer our ALPN is
+        // not one of ours (a scanner, a stray TLS client, a build that
+        // predates it) and is refused before the server says anything.
+        // rustls alone would go on without ALPN when none is offered.
+        let start = LazyConfigAcceptor::new(Acceptor::default(), stream)
+            .await
+            .map_err(|e| Err(classify_handshake(&e)))?;
+        if !offers_alpn(&start.client_hello()) {
+            let mut io = start.io;
+            let _ = io.write_all(&NO_APPLICATION_PROTOCOL_ALERT).await;
+            return Err(Err(Failure::Tls(format!(
+                "the client did not offer ALPN `{}` (not a udp-encap-tun client, or one that predates it)",
+                String::from_utf8_lossy(ALPN)
+            ))));
+        }
+        let mut tls = start
+            .into_stream(shared.acceptor.config().clone())
             .await
             .map_err(|e| Err(classify_handshake(&e)))?;
         match Hello::read(&mut tls).await {
