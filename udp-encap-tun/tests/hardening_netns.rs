@@ -1014,6 +1014,9 @@ fn a_listener_on_the_clients_listen_port_is_named() {
         let log = client.log_text();
         log.contains("authentication with 192.0.2.9 failed") && log.contains("held by uid 65534")
     });
+    let st = client.status();
+    assert!(st.counter("auth_connect_error") >= 1, "counted under another reason:\n{}", st.raw);
+    assert_eq!(st.counter("auth_tls_error"), 0, "{}", st.raw);
 }
 
 // ================================================================ item 12

@@ -306,7 +306,9 @@ impl AuthClient {
             Ok(Reply::Refused(_)) => &s.refused,
             Ok(_) | Err(AuthError::Protocol { .. }) => &s.garbage,
             Err(AuthError::Timeout { .. }) => &s.timeout,
-            Err(AuthError::Connect { .. }) => &s.connect_error,
+            // A bind that fails (the source port taken by a local
+            // listener) is a connection that could not be made.
+            Err(AuthError::Connect { .. } | AuthError::Socket { .. }) => &s.connect_error,
             Err(AuthError::ClosedByServer { .. }) => &s.closed_early,
             Err(_) => &s.tls_error,
         });
