@@ -113,10 +113,13 @@ pub enum Traffic {
     /// Sessions taken back from the state directory at start, and (server)
     /// taken over by a client's re-authentication.
     SessionsResumed,
+    /// GSO trains the kernel refused for their size, sent one datagram per
+    /// call instead (batch.rs).
+    UdpGsoRefused,
 }
 
 impl Traffic {
-    pub const ALL: [Traffic; 20] = [
+    pub const ALL: [Traffic; 21] = [
         Traffic::TunRxPackets,
         Traffic::TunRxBytes,
         Traffic::UdpTxPackets,
@@ -137,6 +140,7 @@ impl Traffic {
         Traffic::Challenges,
         Traffic::Migrations,
         Traffic::SessionsResumed,
+        Traffic::UdpGsoRefused,
     ];
 
     pub fn name(self) -> &'static str {
@@ -161,6 +165,7 @@ impl Traffic {
             Traffic::Challenges => "challenges",
             Traffic::Migrations => "migrations",
             Traffic::SessionsResumed => "sessions_resumed",
+            Traffic::UdpGsoRefused => "udp_gso_refused",
         }
     }
 }

@@ -267,14 +267,36 @@ impl AuthClient {
         }
         s.bind(local).map_err(|e| {
             let hint = match e.raw_os_error() {
-                Some(libc::EADDRINUSE) => {
-                    "another program listens on that TCP port, or an authentication to the same server is already under way"
-                }
-                _ => "",
+                Some(libc::EADDRINUSE) => port_in_use_hint(port, false),
+                _ => String::new(),
             };
-            err(format!("bind the authentication socket to TCP port {port}"), hint)(e)
+            err(format!("bind the authentication socket to TCP port {port}"), &hint)(e)
         })?;
         Ok(s)
+    }
+
+    /// At start: can authentications bind their source port? A local
+    /// program listening on TCP `--listen-port` (any user can open one
+    /// above 1024) would make every one of them fail; better to say so now,
+    /// naming it, than to fail each attempt later.
+    pub fn check_source_port(&self) -> Result<(), AuthError> {
+        let port = self.local.port();
+        if port == 0 {
+            return Ok(());
+        }
+        match self.socket(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, self.endpoint_port))) {
+            Ok(_) => Ok(()),
+            Err(AuthError::Socket { source, .. }) if source.raw_os_error() == Some(libc::EADDRINUSE) => {
+                Err(AuthError::Socket {
+                    what: format!(
+                        "use TCP port {port} as the source port of authentication (the client's --listen-port)"
+                    ),
+                    source,
+                    hint: format!("; {}", port_in_use_hint(port, true)),
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// One authentication to `server` (the packet's daddr). On success the
@@ -305,7 +327,9 @@ impl AuthClient {
             Ok((Reply::Refused(_), _)) => &s.refused,
             Ok(_) | Err(AuthError::Protocol { .. }) => &s.garbage,
             Err(AuthError::Timeout { .. }) => &s.timeout,
-            Err(AuthError::Connect { .. }) => &s.connect_error,
+            // A bind that fails (the source port taken by a local
+            // listener) is a connection that could not be made.
+            Err(AuthError::Connect { .. } | AuthError::Socket { .. }) => &s.connect_error,
             Err(AuthError::ClosedByServer { .. }) => &s.closed_early,
             Err(_) => &s.tls_error,
         });
@@ -408,6 +432,24 @@ impl AuthClient {
         // Dropping `tls` closes the socket: with linger 0, a RST.
         Ok((reply, keys))
     }
+}
+
+/// What to tell a user whose authentication source port is taken: who
+/// holds it (the pids too when `find_pids`: a procfs scan, done at start,
+/// not for every failed attempt) and what to do.
+fn port_in_use_hint(port: u16, find_pids: bool) -> String {
+    let holders = crate::edge::holder::tcp_port(port, find_pids);
+    let who = if holders.is_empty() {
+        format!("another socket holds it (`ss -tanp 'sport = :{port}'` shows which)")
+    } else {
+        let list: Vec<String> = holders.iter().map(ToString::to_string).collect();
+        format!("it is held by {}", list.join(", "))
+    };
+    format!(
+        "{who}; a client authenticates from its --listen-port, so every authentication fails \
+         while that socket exists: stop that program, or give this client another --listen-port \
+         (its UDP port too; the server learns it from the authentication)"
+    )
 }
 
 /// The pin check's own error, if that is what ended the handshake.

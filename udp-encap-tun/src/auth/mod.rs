@@ -13,6 +13,7 @@
 //!   certificate) and the `credentials` subcommand that makes them.
 //! - [`verifier`]: the client's check of the server: a pinned certificate.
 //! - [`ratelimit`]: per-source limit on failed attempts (clock injected).
+//! - [`listwatch`]: when a changed client list is read (only once settled).
 //! - [`server`] / [`client`]: the TLS 1.3 edge, on tokio.
 //!
 //! The server never touches the store itself: for each valid credential it
@@ -22,6 +23,7 @@
 
 pub mod client;
 pub mod credentials;
+pub mod listwatch;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;

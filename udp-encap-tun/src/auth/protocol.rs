@@ -92,7 +92,7 @@ pub struct Hello {
     pub resume: Option<SessionId>,
 }
 
-/// Never prints the secret (logs, panics).
+/// The secret never reaches a log line or a panic message.
 impl std::fmt::Debug for Hello {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hello")
@@ -291,6 +291,18 @@ mod tests {
     use super::*;
 
     const SECRET: [u8; 32] = [7; 32];
+
+    #[test]
+    fn debug_output_does_not_show_the_secret() {
+        let secret: [u8; 32] = std::array::from_fn(|i| 0xa0 + i as u8);
+        let h = Hello { id: "alice".into(), secret, resume: None };
+        for text in [format!("{h:?}"), format!("{h:#?}")] {
+            assert!(text.contains("alice") && text.contains("redacted"), "{text}");
+            // Neither the bytes as Debug prints them nor as hex.
+            assert!(!text.contains("160") && !text.contains("161, 162"), "{text}");
+            assert!(!text.contains("a0a1a2"), "{text}");
+        }
+    }
 
     #[test]
     fn hello_round_trip_and_fixture() {

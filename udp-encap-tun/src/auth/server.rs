@@ -15,24 +15,28 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use log::Level;
 
 use rustls::ServerConfig;
+use rustls::server::Acceptor;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use super::credentials::{ClientList, Verdict, load_certs, load_key};
+use super::listwatch::{FileStamp, ListWatch};
 use super::protocol::{ALPN, Hello, ProtoError, Reply};
 use super::ratelimit::{RateLimitConfig, RateLimiter};
 use super::{AuthError, AuthRequest, AuthStats, Clock, Granted, Refused, SystemClock};
 use crate::core::session::wire::{EXPORTER_LABEL, EXPORTER_LEN};
 use crate::core::session::{KeyBytes, SessionId};
+use crate::bounded_log;
 use crate::counters::{Counters, Discard};
 
 #[derive(Debug, Clone)]
@@ -72,45 +76,15 @@ impl ServerAuthConfig {
     }
 }
 
-/// What identifies a version of the client list file on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl FileStamp {
-    fn of(path: &Path) -> io::Result<FileStamp> {
-        let m = std::fs::metadata(path)?;
-        Ok(FileStamp {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        })
-    }
-
-    /// Modified in the last 2 s: a second write in the same timestamp tick
-    /// (coarse on some file systems) would not change the stamp, so such a
-    /// file is re-read every time until it has settled (git's "racy" rule).
-    fn is_recent(&self) -> bool {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        now.saturating_sub(self.mtime.0.max(self.ctime.0)) < 2
-    }
-}
-
 #[derive(Debug)]
 struct ClientsState {
     list: Arc<ClientList>,
-    stamp: Option<FileStamp>,
-    /// The stamp of a version that failed to load, so it is logged once.
-    bad_stamp: Option<FileStamp>,
+    /// Bumped by every install, whoever reloaded: the daemon compares it to
+    /// decide whether to look for revoked clients (a reload whose result
+    /// only one caller saw once hid a revocation from the daemon).
+    generation: u64,
+    /// Which version on disk to read, and when (listwatch.rs).
+    watch: ListWatch,
 }
 
 struct Shared {
@@ -190,7 +164,7 @@ impl AuthServer {
     ) -> Result<AuthServer, AuthError> {
         let acceptor = TlsAcceptor::from(Arc::new(tls_config(&cfg)?));
         let list = ClientList::load(&cfg.clients)?;
-        let stamp = FileStamp::of(&cfg.clients).ok();
+        let watch = ListWatch::new(&cfg.clients, FileStamp::of(&cfg.clients).ok());
         if list.is_empty() {
             log::warn!(
                 "client list `{}` has no clients yet: add one with `udp-encap-tun credentials client --name NAME`",
@@ -209,8 +183,8 @@ impl AuthServer {
             clients_path: cfg.clients.clone(),
             clients: Mutex::new(ClientsState {
                 list: Arc::new(list),
-                stamp,
-                bad_stamp: None,
+                generation: 0,
+                watch,
             }),
             limiter: Mutex::new(RateLimiter::new(cfg.rate_limit)),
             per_source: Mutex::new(HashMap::new()),
@@ -260,7 +234,7 @@ impl AuthServer {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
-                    log::warn!("accepting an authentication connection failed: {e}");
+                    bounded_log!(Level::Warn, 1, Instant::now(), "accepting an authentication connection failed: {e}; retrying in 100 ms");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -268,21 +242,30 @@ impl AuthServer {
             // An IPv4 client of the dual-stack socket arrives IPv4-mapped.
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             if !lock(&shared.limiter).allowed(peer.ip(), shared.clock.now()) {
-                log::debug!(
+                bounded_log!(
+                    Level::Debug,
+                    5,
+                    Instant::now(),
                     "authentication from {peer} refused: rate limited after failed attempts"
                 );
                 refuse_now(&shared, &stream, &shared.stats.rate_limited);
                 continue;
             }
             let Some(slot) = SourceSlot::acquire(&shared, peer.ip()) else {
-                log::debug!(
+                bounded_log!(
+                    Level::Debug,
+                    5,
+                    Instant::now(),
                     "authentication from {peer} refused: too many connections from that address"
                 );
                 refuse_now(&shared, &stream, &shared.stats.too_many_connections);
                 continue;
             };
             let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-                log::debug!(
+                bounded_log!(
+                    Level::Debug,
+                    5,
+                    Instant::now(),
                     "authentication from {peer} refused: too many authentication connections"
                 );
                 refuse_now(&shared, &stream, &shared.stats.too_many_connections);
@@ -312,10 +295,17 @@ impl AuthServerHandle {
         self.shared.reload()
     }
 
-    /// Re-reads the client list if the file changed; `Ok(None)` if it did not.
-    /// The server also does this itself before checking each credential.
-    pub fn reload_if_changed(&self) -> Result<Option<usize>, AuthError> {
-        self.shared.reload_if_changed()
+    /// Re-reads the client list if a changed version has settled
+    /// (listwatch.rs); `Ok(None)` if there is none or it lists the same
+    /// clients. The daemon calls it every tick; nothing else reloads.
+    pub fn reload_if_changed(&self, now: std::time::Instant) -> Result<Option<usize>, AuthError> {
+        self.shared.reload_if_changed(now)
+    }
+
+    /// Changes with every list installed (tick, SIGHUP, or a test's
+    /// reload): when it moved, look for entries of clients that are gone.
+    pub fn generation(&self) -> u64 {
+        lock(&self.shared.clients).generation
     }
 
     /// Is `id` in the current client list? After a reload, the daemon can drop
@@ -460,83 +450,82 @@ enum Failure {
 impl Shared {
     fn fail(&self, peer: SocketAddr, f: Failure) {
         let s = &self.stats;
+        let now = Instant::now();
         match &f {
+            // Each reason has its own bound (a few lines a second), so a
+            // flood of garbage from many addresses cannot hide a real
+            // client's wrong secret.
             Failure::BadCredential { id, unknown: true } => {
                 AuthStats::bump(&s.bad_credential);
-                log::info!(
+                bounded_log!(
+                    Level::Info,
+                    5,
+                    now,
                     "authentication from {peer} failed: unknown client id `{id}` (revoked, or never added)"
                 );
             }
             Failure::BadCredential { id, unknown: false } => {
                 AuthStats::bump(&s.bad_credential);
-                log::info!("authentication from {peer} failed: wrong secret for client `{id}`");
+                bounded_log!(Level::Info, 5, now, "authentication from {peer} failed: wrong secret for client `{id}`");
             }
             Failure::Tls(e) => {
                 AuthStats::bump(&s.tls_error);
-                log::info!("authentication from {peer} failed: TLS error: {e}");
+                bounded_log!(Level::Info, 5, now, "authentication from {peer} failed: TLS error: {e}");
             }
             Failure::Garbage(e) => {
                 AuthStats::bump(&s.garbage);
-                log::info!("authentication from {peer} failed: not our protocol: {e}");
+                bounded_log!(Level::Info, 5, now, "authentication from {peer} failed: not our protocol: {e}");
             }
             Failure::Timeout => {
                 AuthStats::bump(&s.timeout);
-                log::info!(
+                bounded_log!(
+                    Level::Info,
+                    5,
+                    now,
                     "authentication from {peer} failed: not finished within {:?}",
                     self.timeout
                 );
             }
             Failure::ClosedEarly => {
                 AuthStats::bump(&s.closed_early);
-                log::debug!("authentication from {peer}: closed by the peer before finishing");
+                bounded_log!(Level::Debug, 5, now, "authentication from {peer}: closed by the peer before finishing");
             }
         }
         self.counters.discard(Discard::AuthFailure);
         lock(&self.limiter).failure(peer.ip(), self.clock.now());
     }
 
+    /// SIGHUP: read the list now, settled or not (the operator says it is
+    /// ready).
     fn reload(&self) -> Result<usize, AuthError> {
-        let stamp = FileStamp::of(&self.clients_path).ok();
-        match ClientList::load(&self.clients_path) {
-            Ok(list) => Ok(self.install(list, stamp)),
-            Err(e) => {
-                lock(&self.clients).bad_stamp = stamp;
-                Err(e)
-            }
-        }
+        lock(&self.clients).watch.read_now();
+        let list = ClientList::load(&self.clients_path)?;
+        Ok(self.install(list))
     }
 
-    fn reload_if_changed(&self) -> Result<Option<usize>, AuthError> {
-        let stamp = FileStamp::of(&self.clients_path).map_err(|source| AuthError::Read {
-            what: "client list",
-            path: self.clients_path.clone(),
-            source,
-        })?;
-        {
-            let st = lock(&self.clients);
-            let recent = stamp.is_recent();
-            if !recent && (st.stamp == Some(stamp) || st.bad_stamp == Some(stamp)) {
-                return Ok(None);
-            }
+    /// Reads the list if a new version has settled (listwatch.rs); `Ok(None)`
+    /// if there is none or it holds the same clients. A version that fails
+    /// to load is reported once and the previous list stays in force.
+    fn reload_if_changed(&self, now: std::time::Instant) -> Result<Option<usize>, AuthError> {
+        let Some(due) = lock(&self.clients).watch.poll(now) else {
+            return Ok(None);
+        };
+        lock(&self.clients).watch.was_read(due);
+        if due.stalled_writer {
+            log::warn!(
+                "client list `{}` has been open for writing without a change for {:?}: reading it as it stands",
+                self.clients_path.display(),
+                super::listwatch::WRITER_STALL
+            );
         }
-        match ClientList::load(&self.clients_path) {
-            Ok(list) => {
-                if *lock(&self.clients).list == list {
-                    lock(&self.clients).stamp = Some(stamp);
-                    return Ok(None);
-                }
-                Ok(Some(self.install(list, Some(stamp))))
-            }
-            Err(e) => {
-                let mut st = lock(&self.clients);
-                let first = st.bad_stamp != Some(stamp);
-                st.bad_stamp = Some(stamp);
-                if first { Err(e) } else { Ok(None) }
-            }
+        let list = ClientList::load(&self.clients_path)?;
+        if *lock(&self.clients).list == list {
+            return Ok(None);
         }
+        Ok(Some(self.install(list)))
     }
 
-    fn install(&self, list: ClientList, stamp: Option<FileStamp>) -> usize {
+    fn install(&self, list: ClientList) -> usize {
         let n = list.len();
         let mut st = lock(&self.clients);
         let mut removed: Vec<&str> = st.list.ids().filter(|id| !list.contains(id)).collect();
@@ -550,18 +539,26 @@ impl Shared {
             removed.join(", ")
         );
         st.list = Arc::new(list);
-        st.stamp = stamp;
-        st.bad_stamp = None;
+        st.generation = st.generation.wrapping_add(1);
         n
     }
 
+    /// Checks a credential against the list in force. It does not reload:
+    /// only the daemon's tick does (every 100 ms), so every reload is seen
+    /// by the code that drops revoked clients' entries.
     fn check(&self, hello: &Hello) -> Verdict {
-        if let Err(e) = self.reload_if_changed() {
-            log::error!("{e}; keeping the previous client list");
-        }
         let list = lock(&self.clients).list.clone();
         list.check(&hello.id, &hello.secret)
     }
+}
+
+/// A plaintext TLS alert record (RFC 8446 6, 6.2): fatal
+/// `no_application_protocol` (120), what RFC 7301 3.2 has a server send
+/// when it cannot agree on a protocol.
+const NO_APPLICATION_PROTOCOL_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 120];
+
+fn offers_alpn(hello: &rustls::server::ClientHello<'_>) -> bool {
+    hello.alpn().is_some_and(|mut offered| offered.any(|p| p == ALPN))
 }
 
 /// Sorts a handshake error into garbage (not TLS at all), the peer going
@@ -597,9 +594,23 @@ async fn serve(
     let deadline = shared.timeout;
     // Phase 1, under the deadline: TLS handshake and the hello.
     let phase1 = tokio::time::timeout(deadline, async {
-        let mut tls = shared
-            .acceptor
-            .accept(stream)
+        // The ClientHello first: a client that does not offer our ALPN is
+        // not one of ours (a scanner, a stray TLS client, a build that
+        // predates it) and is refused before the server says anything.
+        // rustls alone would go on without ALPN when none is offered.
+        let start = LazyConfigAcceptor::new(Acceptor::default(), stream)
+            .await
+            .map_err(|e| Err(classify_handshake(&e)))?;
+        if !offers_alpn(&start.client_hello()) {
+            let mut io = start.io;
+            let _ = io.write_all(&NO_APPLICATION_PROTOCOL_ALERT).await;
+            return Err(Err(Failure::Tls(format!(
+                "the client did not offer ALPN `{}` (not a udp-encap-tun client, or one that predates it)",
+                String::from_utf8_lossy(ALPN)
+            ))));
+        }
+        let mut tls = start
+            .into_stream(shared.acceptor.config().clone())
             .await
             .map_err(|e| Err(classify_handshake(&e)))?;
         match Hello::read(&mut tls).await {
@@ -688,7 +699,11 @@ async fn ask_daemon(
     match answer {
         Ok(Granted { addr, lease, bound }) => {
             AuthStats::bump(&shared.stats.granted);
-            log::info!(
+            // A client holding a valid credential can reconnect at will.
+            bounded_log!(
+                Level::Info,
+                10,
+                Instant::now(),
                 "client `{id}` at {peer} authenticated: session {session}, address {addr}, lease {lease:?}{}",
                 if bound { ", its earlier session resumed" } else { "" }
             );
@@ -696,7 +711,7 @@ async fn ask_daemon(
         }
         Err(r) => {
             AuthStats::bump(&shared.stats.refused);
-            log::warn!("client `{id}` at {peer} authenticated but refused: {r}");
+            bounded_log!(Level::Warn, 5, Instant::now(), "client `{id}` at {peer} authenticated but refused: {r}");
             Reply::Refused(r)
         }
     }

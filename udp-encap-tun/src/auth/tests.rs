@@ -324,6 +324,17 @@ async fn wrong_secret_and_unknown_id_are_refused() {
     srv.stop().await;
 }
 
+/// What the daemon's tick does every 100 ms, until `id` is (`known`) or is
+/// not in the list.
+async fn wait_list(srv: &TestServer, id: &str, known: bool) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while srv.handle.is_known_client(id) != known {
+        srv.handle.reload_if_changed(Instant::now()).expect("list loads");
+        assert!(Instant::now() < end, "`{id}` not picked up within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn revoked_client_cannot_renew_and_new_clients_need_no_restart() {
     let dir = TestDir::new("revoke");
@@ -335,8 +346,10 @@ async fn revoked_client_cannot_renew_and_new_clients_need_no_restart() {
         .await
         .expect("granted before revocation");
 
-    // Added while the server runs: picked up by itself (file change).
+    // Added while the server runs: picked up without a SIGHUP by the
+    // periodic check the daemon's tick makes, once the new file has settled.
     let bob = add_client(dir.path(), "bob", None).expect("bob added");
+    wait_list(&srv, "bob", true).await;
     client_from(&bob, Ipv4Addr::LOCALHOST, &srv)
         .authenticate(Ipv4Addr::LOCALHOST)
         .await
@@ -427,6 +440,65 @@ async fn garbage_is_counted_and_the_server_keeps_serving() {
         .authenticate(Ipv4Addr::LOCALHOST)
         .await
         .expect("a good client still gets through");
+    srv.stop().await;
+}
+
+/// A TLS 1.3 client that checks the server's pin like ours but offers
+/// `alpn` (none when empty), then sends a valid hello.
+async fn hello_with_alpn(
+    dir: &TestDir,
+    cred: &Path,
+    srv: &TestServer,
+    alpn: &[&[u8]],
+) -> Result<protocol::Reply, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let pin = credentials::pin_of_cert_file(&dir.path().join(credentials::SERVER_CERT)).expect("pin");
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier::PinnedServerCert::new(pin, &provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = raw_connect(Ipv4Addr::LOCALHOST, srv.addr).await;
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST).into());
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let c = ClientCredential::load(cred).expect("credential");
+    let hello = protocol::Hello { id: c.id, secret: c.secret, resume: None }.encode().expect("hello");
+    s.write_all(&hello).await.map_err(|e| format!("write: {e}"))?;
+    s.flush().await.map_err(|e| format!("flush: {e}"))?;
+    protocol::Reply::read(&mut s).await.map_err(|e| format!("reply: {e}"))
+}
+
+/// The server requires the ALPN it documents: a TLS client that offers
+/// none (or another) fails at the handshake, before any hello, counted as
+/// a TLS error; the daemon never hears of it. One that offers it among
+/// others gets through.
+#[tokio::test]
+async fn a_client_without_our_alpn_fails_at_the_handshake() {
+    use protocol::Reply;
+    let dir = TestDir::new("alpn");
+    let cred = setup(&dir);
+    let srv = start_server(server_cfg(dir.path()), 0, Daemon::Grant);
+
+    let r = hello_with_alpn(&dir, &cred, &srv, &[]).await;
+    let err = r.expect_err("a client without ALPN was answered");
+    assert!(err.starts_with("handshake:"), "it failed after the handshake: {err}");
+    assert!(err.contains("NoApplicationProtocol"), "{err}");
+    wait_for("the refusal counted", || srv.stat(|s| &s.tls_error) == 1).await;
+
+    let err = hello_with_alpn(&dir, &cred, &srv, &[b"h2", b"http/1.1"]).await.expect_err("answered");
+    assert!(err.starts_with("handshake:") && err.contains("NoApplicationProtocol"), "{err}");
+    wait_for("the refusal counted", || srv.stat(|s| &s.tls_error) == 2).await;
+    assert_eq!(srv.failures(), 2);
+    assert!(srv.seen().is_empty(), "the daemon heard of a client without ALPN");
+    assert_eq!(srv.stat(|s| &s.granted), 0);
+
+    let r = hello_with_alpn(&dir, &cred, &srv, &[b"h2", protocol::ALPN]).await;
+    assert!(matches!(r, Ok(Reply::Granted { .. })), "{r:?}");
     srv.stop().await;
 }
 
@@ -816,10 +888,11 @@ async fn credentials_subcommand_makes_working_files_with_private_modes() {
         run(&["revoke", "--dir", ds, "--name", "carol"]).is_err(),
         "already gone"
     );
+    wait_list(&srv, "carol", false).await;
     let err = client.authenticate(Ipv4Addr::LOCALHOST).await;
     assert!(
         matches!(err, Err(AuthError::Refused { .. })),
-        "revoked without a reload: {err:?}"
+        "revoked without a SIGHUP: {err:?}"
     );
     srv.stop().await;
 }

@@ -164,6 +164,27 @@ pub struct Core {
     ip_id: u16,
     role: Role,
     counters: Arc<Counters>,
+    logs: PeerLogs,
+}
+
+/// The core's log lines a remote sender can trigger (in version 1 every
+/// datagram from a new source is an upsert; spoofed sources make a new one
+/// per datagram), each bounded on its own (SPEC decision 9).
+#[derive(Debug)]
+struct PeerLogs {
+    created: ratelog::RateLimitedLog,
+    gate_full: ratelog::RateLimitedLog,
+    pool_full: ratelog::RateLimitedLog,
+}
+
+impl Default for PeerLogs {
+    fn default() -> PeerLogs {
+        PeerLogs {
+            created: ratelog::RateLimitedLog::new(log::Level::Info, 10),
+            gate_full: ratelog::RateLimitedLog::new(log::Level::Warn, 1),
+            pool_full: ratelog::RateLimitedLog::new(log::Level::Warn, 1),
+        }
+    }
 }
 
 impl Core {
@@ -176,6 +197,7 @@ impl Core {
             ip_id: 0,
             role,
             counters,
+            logs: PeerLogs::default(),
         }
     }
 
@@ -421,7 +443,7 @@ impl Core {
     /// its session. Counts a refusal.
     fn resolve_peer(&mut self, src: SocketAddr, now: Instant, gate: &mut dyn PeerGate) -> Result<Ipv4Addr, Discard> {
         let found = match &mut self.role {
-            Role::Server { store, auth: false, .. } => match upsert(store, src, now, gate, &self.counters) {
+            Role::Server { store, auth: false, .. } => match upsert(store, src, now, gate, &self.counters, &mut self.logs) {
                 Ok(addr) => Ok(addr),
                 Err(_) => Err(Discard::PoolFull),
             },
@@ -660,24 +682,27 @@ fn upsert(
     now: Instant,
     gate: &mut dyn PeerGate,
     counters: &Counters,
+    logs: &mut PeerLogs,
 ) -> Result<Ipv4Addr, Refusal> {
     match store.upsert(peer, now) {
         Ok(Upsert::Refreshed(addr)) => Ok(addr),
         Ok(Upsert::Created(addr)) => {
             if gate.allow(peer).is_err() {
                 store.remove(addr);
-                log::warn!("refused peer {peer}: the XDP map of allowed peers is full (raise --xdp-map-size)");
+                logs.gate_full.log(now, || {
+                    format!("refused peer {peer}: the XDP map of allowed peers is full (raise --xdp-map-size)")
+                });
                 return Err(Refusal::GateFull);
             }
             counters.add(Traffic::EntriesCreated, 1);
-            log::info!("new peer {peer} -> {addr}");
+            logs.created.log(now, || format!("new peer {peer} -> {addr}"));
             Ok(addr)
         }
         Err(_) => {
-            log::warn!(
-                "refused peer {peer}: every address of the pool is taken ({} live entries); widen --pool",
-                store.len()
-            );
+            let live = store.len();
+            logs.pool_full.log(now, || {
+                format!("refused peer {peer}: every address of the pool is taken ({live} live entries); widen --pool")
+            });
             Err(Refusal::PoolFull)
         }
     }
@@ -1032,6 +1057,44 @@ mod tests {
         assert_eq!(s2.admit(a, now, &mut g0), Err(Refusal::GateFull));
         assert!(s2.store().unwrap().is_empty());
         assert_eq!(s2.counters().discards(Discard::PoolFull), 1);
+    }
+
+    /// SPEC decision 9: a version-1 server flooded by spoofed sources (a new
+    /// (saddr, sport) per datagram) counts every refusal but logs a few
+    /// lines a second, for a full gate and for a full pool alike.
+    #[test]
+    fn a_spoofed_flood_is_counted_per_datagram_and_logged_a_few_times() {
+        ratelog::testlog::init();
+        let _ = ratelog::testlog::take();
+        let t0 = Instant::now();
+        let seg = tcp_packet(CLIENT_TUN, SERVER_REAL)[20..].to_vec();
+        let flood = |s: &mut Core, g: &mut FakeGate, from: u32| {
+            for i in 0..5000u32 {
+                let src = SocketAddr::from((Ipv4Addr::from(0xc612_0000 + from + i), 1024 + (i % 50_000) as u16));
+                let mut buf = datagram(&seg);
+                let now = t0 + Duration::from_micros(u64::from(i) * 200); // one second
+                let _ = s.from_udp(src, &mut buf, seg.len(), now, g);
+            }
+        };
+        // The gate holds 3: the rest find it full.
+        let mut s = server(false, Duration::from_secs(300));
+        let mut g = gate(3);
+        flood(&mut s, &mut g, 0);
+        assert_eq!(s.counters().discards(Discard::PoolFull), 4997, "every refusal counted");
+        let lines = ratelog::testlog::take();
+        let refused = lines.iter().filter(|l| l.contains("refused peer")).count();
+        let created = lines.iter().filter(|l| l.contains("new peer")).count();
+        assert_eq!((refused, created), (1, 3), "{lines:#?}");
+
+        // A pool of 5 and room in the gate: the pool runs out.
+        let pool = Pool::new(Ipv4Addr::new(198, 18, 0, 0), 29, &[Ipv4Addr::new(198, 18, 0, 1)]).unwrap();
+        let mut s = Core::new(SERVER_TUN, 1400, Core::server(ConnectionStore::new(pool, Duration::from_secs(300), 7), false, 8, Duration::from_secs(10)), Arc::default());
+        let mut g = gate(100_000);
+        flood(&mut s, &mut g, 1 << 16);
+        assert_eq!(s.counters().discards(Discard::PoolFull), 4995);
+        let lines = ratelog::testlog::take();
+        assert!(lines.len() <= 6, "{} lines for one second of flood: {lines:#?}", lines.len());
+        assert_eq!(lines.iter().filter(|l| l.contains("every address of the pool is taken")).count(), 1);
     }
 
     #[test]

@@ -48,7 +48,8 @@ pub struct Auth {
     server: Option<(auth::AuthServerHandle, tokio::task::JoinHandle<()>)>,
     client: Option<Arc<auth::AuthClient>>,
     queue: AuthQueue,
-    last_reload_check: Option<Instant>,
+    /// The client list's generation the sessions were last checked against.
+    list_generation: u64,
 }
 
 impl Auth {
@@ -60,7 +61,7 @@ impl Auth {
             server: None,
             client: None,
             queue: AuthQueue::default(),
-            last_reload_check: None,
+            list_generation: 0,
         };
         match mode {
             auth::AuthMode::Insecure => {
@@ -96,6 +97,14 @@ impl Auth {
     /// Server: a client proved its credential; a session for it, or its
     /// earlier one taken over. Returns whether the state changed.
     pub fn admit(&mut self, req: auth::AuthRequest, core: &mut Core, gate: &mut Gate, lease: Duration) -> bool {
+        // The credential was checked against the list of that moment; a
+        // reload since may have revoked it (its sessions already dropped).
+        if let Some((h, _)) = &self.server
+            && !h.is_known_client(&req.client_id)
+        {
+            let _ = req.reply.send(Err(auth::Refused::BadCredential));
+            return false;
+        }
         let a = server::Admit {
             seed: req.peer,
             client: &req.client_id,
@@ -164,7 +173,10 @@ impl Auth {
                 };
                 match core.grant(g, Instant::now(), gate) {
                     Ok(()) => {
-                        log::info!(
+                        crate::bounded_log!(
+                            log::Level::Info,
+                            10,
+                            Instant::now(),
                             "authenticated with {server} at {path}: session {}, lease {:?}, our address there {}{}",
                             lease.session,
                             lease.duration,
@@ -186,7 +198,9 @@ impl Auth {
                 let n = self.queue.failed(server, Instant::now());
                 counters.discard_n(Discard::AuthQueue, n as u64);
                 core.reauth_failed(server);
-                log::warn!("authentication with {server} failed ({n} waiting packets dropped): {e}");
+                // A server (or anything routed into the TUN) can make these
+                // fail at will, for many destinations at once: bounded.
+                crate::bounded_log!(log::Level::Warn, 5, Instant::now(), "authentication with {server} failed ({n} waiting packets dropped): {e}");
                 VecDeque::new()
             }
         };
@@ -225,7 +239,13 @@ impl Auth {
                 client::Action::Send { to, bytes } => sends.push((to, bytes)),
                 client::Action::Reauth { server, resume } => {
                     if self.queue.start_renewal(server, now) {
-                        log::info!("authenticating with {server} again (session {resume}: {})", why_reauth(core, server));
+                        crate::bounded_log!(
+                            log::Level::Info,
+                            5,
+                            now,
+                            "authenticating with {server} again (session {resume}: {})",
+                            why_reauth(core, server)
+                        );
                         self.spawn(server, core, Some(resume));
                     } else {
                         core.reauth_failed(server);
@@ -235,7 +255,10 @@ impl Auth {
                     core.forget_server(server, gate);
                     let n = self.queue.failed(server, now);
                     counters.discard_n(Discard::AuthQueue, n as u64);
-                    log::warn!(
+                    crate::bounded_log!(
+                        log::Level::Warn,
+                        5,
+                        now,
                         "session with {server}: no answer to our path proof within {:?} ({n} waiting packets dropped); \
                          is UDP port {} reachable on the server, and does a firewall let its answers back?",
                         client::BIND_GIVE_UP,
@@ -249,23 +272,21 @@ impl Auth {
         sends
     }
 
-    /// Server: reloads a changed client list (once a second). Returns
-    /// whether entries were removed.
+    /// Server: reloads a changed client list (every tick: a stat, and a
+    /// settled new version is read within a second, see listwatch.rs).
+    /// Returns whether sessions were removed.
     pub fn tick(&mut self, now: Instant, core: &mut Core, gate: &mut Gate) -> bool {
-        let due = self.last_reload_check.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
-        let Some((h, _)) = &self.server else { return false };
-        if !due {
-            return false;
-        }
-        self.last_reload_check = Some(now);
-        match h.reload_if_changed() {
-            Ok(Some(n)) => log::info!("client list changed: {n} clients"),
-            Ok(None) => {}
-            Err(e) => log::error!("client list unreadable, keeping the old one: {e}"),
-        }
-        // Whoever reloaded the list (this tick or a hello in between), the
-        // sessions of clients no longer in it go now.
-        self.drop_revoked(core, gate)
+        let changed = self.server.as_ref().is_some_and(|(h, _)| {
+            match h.reload_if_changed(now) {
+                Ok(Some(n)) => log::info!("client list changed: {n} clients"),
+                Ok(None) => {}
+                Err(e) => log::error!("client list unreadable, keeping the old one: {e}"),
+            }
+            // Whoever reloaded it (this tick, or a hello in between), a new
+            // list is checked against the sessions.
+            h.generation() != self.list_generation
+        });
+        changed && self.drop_revoked(core, gate)
     }
 
     /// SIGHUP: re-read the client list now.
@@ -284,6 +305,7 @@ impl Auth {
     /// Removes at once the sessions of clients no longer in the list.
     fn drop_revoked(&mut self, core: &mut Core, gate: &mut Gate) -> bool {
         let Some((h, _)) = &self.server else { return false };
+        self.list_generation = h.generation();
         let list = h.clients();
         let removed = core.remove_clients(|id| !list.contains(id), gate);
         for (e, id) in &removed {

@@ -2,6 +2,7 @@
 //! ([`PeerGate`]): the XDP program and its map of allowed peers, or nothing.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use anyhow::Result;
 
@@ -45,13 +46,13 @@ impl PeerGate for Gate {
             Gate::Off => Ok(()),
             Gate::Xdp(g) => {
                 let SocketAddr::V4(v4) = peer else {
-                    log::error!("the XDP map of this build holds IPv4 peers only: refusing {peer}");
+                    crate::bounded_log!(log::Level::Error, 1, Instant::now(), "the XDP map of this build holds IPv4 peers only: refusing {peer}");
                     return Err(GateFull);
                 };
                 g.allow(v4).map_err(|e| {
                     if !matches!(e, XdpError::MapFull { .. }) {
                         // Refuse rather than let store and map disagree.
-                        log::error!("cannot add {peer} to the XDP map, refusing it: {e}");
+                        crate::bounded_log!(log::Level::Error, 1, Instant::now(), "cannot add {peer} to the XDP map, refusing it: {e}");
                     }
                     GateFull
                 })
@@ -64,7 +65,7 @@ impl PeerGate for Gate {
             && let SocketAddr::V4(v4) = peer
             && let Err(e) = g.revoke(v4)
         {
-            log::error!("cannot remove {peer} from the XDP map: {e}");
+            crate::bounded_log!(log::Level::Error, 1, Instant::now(), "cannot remove {peer} from the XDP map: {e}");
         }
     }
 

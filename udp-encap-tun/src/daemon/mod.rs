@@ -80,7 +80,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if offload {
         tun::limit_super_segments(&args.interface, host.path_mtu());
     }
-    let udp = BatchUdp::new(udp::open(args.listen_port, &args.bind_to_interface)?);
+    let udp = BatchUdp::new(udp::open(args.listen_port, &args.bind_to_interface)?, counters.clone());
     let mut gate = gate::open(&args)?;
     // The saved sessions go into the core and the gate before the loop
     // reads its first datagram.
@@ -177,7 +177,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     core.expire(now, &mut gate, &mut ended);
                     saver.dirty |= !ended.is_empty();
                     for e in &ended {
-                        log_ended(e);
+                        log_ended(e, now);
                     }
                 }
                 saver.dirty |= auth.tick(now, &mut core, &mut gate);
@@ -227,15 +227,19 @@ fn control(
                         log::info!("session for {r} lost {to} to {addr}, which proved it; it waits for its own proof");
                     }
                 }
-                Some(Event::Abandoned { addr, path }) => log.log(now, || {
-                    format!(
-                        "session for {addr}: a proof from {path} came while its current path was heard from; \
-                         not moved (a copy of its datagrams?)"
-                    )
-                }),
-                Some(Event::GateFull { addr, path }) => log.log(now, || {
-                    format!("session for {addr}: cannot let {path} into the XDP map (full; raise --xdp-map-size)")
-                }),
+                Some(Event::Abandoned { addr, path }) => {
+                    log.log(now, || {
+                        format!(
+                            "session for {addr}: a proof from {path} came while its current path was heard from; \
+                             not moved (a copy of its datagrams?)"
+                        )
+                    });
+                }
+                Some(Event::GateFull { addr, path }) => {
+                    log.log(now, || {
+                        format!("session for {addr}: cannot let {path} into the XDP map (full; raise --xdp-map-size)")
+                    });
+                }
                 Some(Event::Challenged { .. } | Event::Answered | Event::ChallengePending) | None => {}
             }
             Some(done)
@@ -247,13 +251,25 @@ fn control(
     }
 }
 
-fn log_ended(e: &Ended) {
+/// Version 1: spoofed sources make entries that all lapse together, so the
+/// lines are bounded.
+fn log_ended(e: &Ended, now: Instant) {
     match e {
         Ended::Entry { entry, client } => {
             let who = client.as_deref().map(|c| format!(" (client {c})")).unwrap_or_default();
             match entry.peer {
-                Some(p) => log::info!("entry expired: {p} -> {}{who}", entry.addr),
-                None => log::info!("session for {} expired before it proved a UDP path{who}", entry.addr),
+                Some(p) => {
+                    crate::bounded_log!(log::Level::Info, 10, now, "entry expired: {p} -> {}{who}", entry.addr);
+                }
+                None => {
+                    crate::bounded_log!(
+                        log::Level::Info,
+                        10,
+                        now,
+                        "session for {} expired before it proved a UDP path{who}",
+                        entry.addr
+                    );
+                }
             }
         }
         Ended::Lease { server } => log::info!("lease with {server} ran out"),

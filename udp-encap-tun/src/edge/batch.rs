@@ -14,6 +14,14 @@
 //! back for good to one datagram per call, and says so once in the log (the
 //! approach quinn-udp takes).
 //!
+//! A train the kernel refuses for its size (EMSGSIZE on recent kernels,
+//! EINVAL on older ones: its segments exceed what the socket takes for the
+//! path MTU) is a fact about one destination, not about GSO: that train
+//! goes one datagram per call, counted (`udp_gso_refused`), and GSO stays
+//! on for every other send. The socket ignores learned path MTUs
+//! (udp.rs, IP_PMTUDISC_PROBE), so a forged ICMP "fragmentation needed"
+//! cannot cause this; a lowered uplink MTU can.
+//!
 //! Why not quinn-udp itself: its `Transmit` carries one contiguous buffer
 //! per send, while the send side here gathers a TCP header from a small
 //! arena and the payload from the TUN read buffer for each datagram
@@ -32,6 +40,8 @@ use nix::sys::socket::{
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
+use crate::counters::{Counters, Traffic};
+
 /// The kernel's cap on segments per GSO send (UDP_MAX_SEGMENTS, 64 before
 /// Linux 6.1's raise to 128: the lower value works everywhere).
 pub const MAX_GSO_SEGMENTS: usize = 64;
@@ -42,11 +52,12 @@ pub const MAX_GSO_BYTES: usize = 65_000;
 
 pub struct BatchUdp {
     sock: UdpSocket,
-    /// Cleared for good the first time the kernel refuses a GSO train.
+    /// Cleared for good when the device cannot send GSO trains at all.
     gso: std::cell::Cell<bool>,
     gro: bool,
     /// An IPv6 socket (dual-stack): IPv4 peers are sent to as IPv4-mapped.
     v6: bool,
+    counters: std::sync::Arc<Counters>,
 }
 
 /// One receive: `len` bytes from `src`, datagrams of `stride` bytes each
@@ -60,7 +71,8 @@ pub struct Received {
 
 impl BatchUdp {
     /// Turns on GRO and checks for GSO; logs what the kernel offers.
-    pub fn new(sock: UdpSocket) -> BatchUdp {
+    /// `counters` gets `udp_gso_refused`.
+    pub fn new(sock: UdpSocket, counters: std::sync::Arc<Counters>) -> BatchUdp {
         let gro = match setsockopt(&sock, sockopt::UdpGroSegment, &true) {
             Ok(()) => true,
             Err(e) => {
@@ -85,7 +97,7 @@ impl BatchUdp {
             if gro { "on" } else { "off" }
         );
         let v6 = sock.local_addr().is_ok_and(|a| a.is_ipv6());
-        BatchUdp { sock, gso: std::cell::Cell::new(gso), gro, v6 }
+        BatchUdp { sock, gso: std::cell::Cell::new(gso), gro, v6, counters }
     }
 
     pub fn gso(&self) -> bool {
@@ -138,11 +150,26 @@ impl BatchUdp {
             let seg_len = segs.iter().take(per).map(|s| s.len()).sum();
             match self.send_msg(&addr, segs, Some(seg_len)).await {
                 Ok(()) => return Ok(1),
-                // EIO: the device can't checksum GSO trains; EINVAL: a
-                // kernel without UDP_SEGMENT for this path. Fall back for good.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
+                // EIO: the device can't checksum GSO trains (before 6.11).
+                // A property of the device: fall back for good.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => {
                     log::warn!("UDP GSO refused by the kernel ({e}): sending one datagram per call from now on");
                     self.gso.set(false);
+                }
+                // EMSGSIZE (EINVAL before Linux 6.x): the segments do not
+                // fit the MTU the socket uses for this destination. Only
+                // this train goes one by one; GSO stays on for all others.
+                // (A kernel without UDP_SEGMENT failed the probe in `new`.)
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMSGSIZE) | Some(libc::EINVAL)) => {
+                    self.counters.add(Traffic::UdpGsoRefused, 1);
+                    crate::bounded_log!(
+                        log::Level::Warn,
+                        1,
+                        std::time::Instant::now(),
+                        "UDP GSO send to {to} refused for its size ({e}): sending its {} datagrams of {seg_len} bytes \
+                         one by one (is the uplink MTU below the TUN MTU + 28?)",
+                        segs.len().div_ceil(per)
+                    );
                 }
                 Err(e) => return Err(e),
             }

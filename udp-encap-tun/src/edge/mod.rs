@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod control;
+pub mod holder;
 pub mod netdev;
 pub mod tun;
 pub mod udp;

@@ -21,6 +21,7 @@ pub fn open(port: u16, uplink: &str) -> Result<UdpSocket> {
         _ => anyhow!("cannot bind the UDP socket to {uplink}: {e}"),
     })?;
     size_buffers(&s);
+    ignore_path_mtu(&s);
     let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
     s.bind(&addr.into()).map_err(|e| match e.raw_os_error() {
         Some(libc::EADDRINUSE) => anyhow!(
@@ -32,6 +33,49 @@ pub fn open(port: u16, uplink: &str) -> Result<UdpSocket> {
     })?;
     s.set_nonblocking(true)?;
     Ok(UdpSocket::from_std(s.into())?)
+}
+
+/// Makes the socket ignore learned path MTUs: IP_PMTUDISC_PROBE (and
+/// IPV6_PMTUDISC_PROBE on an IPv6 socket) sets DF and sizes datagrams by
+/// the device's MTU alone.
+///
+/// The tunnel's datagrams never need fragmentation: the MSS clamp keeps each
+/// one within the uplink MTU. What a learned path MTU can do is harm: anyone
+/// can forge an ICMP "fragmentation needed, MTU 552" quoting our datagrams
+/// to a peer (off path: the ICMP needs no reply), and with the default
+/// IP_PMTUDISC_WANT the kernel then refuses our GSO trains to that peer
+/// (EMSGSIZE, EINVAL on older kernels) and fragments single datagrams,
+/// whose first fragments the peer's XDP gate drops: a black hole. With
+/// PROBE the forged value is still learned (`ip route get PEER` shows it)
+/// but nothing of ours uses it.
+fn ignore_path_mtu(s: &Socket) {
+    use std::os::fd::AsRawFd;
+    let (level, opt, val, what) = match s.domain() {
+        Ok(d) if d == Domain::IPV6 => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_PROBE,
+            "IPV6_MTU_DISCOVER",
+        ),
+        _ => (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE, "IP_MTU_DISCOVER"),
+    };
+    // SAFETY: `val` outlives the call; the length matches its type.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        log::warn!(
+            "cannot set {what} to PROBE on the UDP socket ({}): a forged ICMP \"fragmentation needed\" \
+             can then make the kernel refuse or fragment datagrams to that peer",
+            io::Error::last_os_error()
+        );
+    }
 }
 
 /// Sizes the socket buffers so that a burst of full trains does not overflow

@@ -296,8 +296,8 @@ impl XdpGate {
     }
 
     /// Lets datagrams from `peer` through. Idempotent. A full map refuses a
-    /// new peer with [`XdpError::MapFull`] (counted, logged); no entry is
-    /// ever evicted to make room.
+    /// new peer with [`XdpError::MapFull`] (counted, logged at most once a
+    /// second); no entry is ever evicted to make room.
     pub fn allow(&mut self, peer: SocketAddrV4) -> Result<(), XdpError> {
         let key = peer_key(peer);
         let value = PeerValue {
@@ -312,7 +312,12 @@ impl XdpGate {
             // The kernel's answer for a full hash map (prealloc or not).
             Err(e) if errno(&e) == Some(libc::E2BIG) => {
                 self.map_full = self.map_full.saturating_add(1);
-                log::warn!(
+                // Spoofed sources can ask for a new entry per datagram
+                // (version 1): bounded, like every line a remote can trigger.
+                crate::bounded_log!(
+                    log::Level::Warn,
+                    1,
+                    std::time::Instant::now(),
                     "XDP peer map full ({} entries): refusing {peer}; raise --xdp-map-size",
                     self.capacity
                 );
