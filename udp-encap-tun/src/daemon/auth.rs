@@ -85,6 +85,7 @@ impl Auth {
                 let port = args.endpoint_port.unwrap_or(args.listen_port);
                 let client = auth::AuthClient::new(cfg, args.listen_port, &args.bind_to_interface, port)
                     .map_err(|e| anyhow!("{e}"))?;
+                client.check_source_port().map_err(|e| anyhow!("{e}"))?;
                 let (tx, rx) = mpsc::channel(64);
                 a.client = Some(Arc::new(client));
                 a.done = Some(rx);
@@ -186,7 +187,7 @@ impl Auth {
                         if lease.bound { self.queue.succeeded(server) } else { VecDeque::new() }
                     }
                     Err(_) => {
-                        log::warn!("authenticated with {server} but the XDP map is full (raise --xdp-map-size)");
+                        crate::bounded_log!(log::Level::Warn, 1, Instant::now(), "authenticated with {server} but the XDP map is full (raise --xdp-map-size)");
                         let n = self.queue.failed(server, Instant::now());
                         counters.discard_n(Discard::AuthQueue, n as u64);
                         VecDeque::new()
@@ -210,7 +211,7 @@ impl Auth {
 
     /// Client: the session with `server` is bound; the packets that waited.
     pub fn bound(&mut self, server: Ipv4Addr, core: &Core) -> VecDeque<Vec<u8>> {
-        log::info!("session with {server}: UDP path proven");
+        crate::bounded_log!(log::Level::Info, 10, Instant::now(), "session with {server}: UDP path proven");
         let flush = self.queue.succeeded(server);
         self.start_waiting(core);
         flush
