@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use sha2::{Digest, Sha256};
@@ -237,7 +237,7 @@ fn ready_only_when_up_and_stopping_on_sigterm() {
 
 /// Debian's prometheus in a namespace, scraping `target` every second.
 struct Prometheus {
-    child: Proc,
+    _child: Proc,
     api: SocketAddrV4,
     ns_path: PathBuf,
 }
@@ -263,7 +263,7 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start prometheus ({e}): install it with `cargo xtask deps` (apt prometheus)"));
-        Prometheus { child: Proc(child), api, ns_path: ns.path() }
+        Prometheus { _child: Proc(child), api, ns_path: ns.path() }
     }
 
     /// `GET path` on the HTTP API (HTTP/1.0, so the body is not chunked).
