@@ -59,8 +59,9 @@ const SERVICE: &str = "Running as a service";
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// The TUN device (persistent, with an IPv4 address, e.g. made with
-    /// `ip tuntap add dev tun0 mode tun`).
+    /// The TUN device: one with an IPv4 address (e.g. made with `ip tuntap
+    /// add dev tun0 mode tun`), or the one the daemon creates with
+    /// --tun-address.
     #[arg(long, value_name = "TUN")]
     pub interface: String,
 
