@@ -2,7 +2,7 @@
 //! names and mandatory rules; the rest fill the gaps the design left
 //! (README, "Options").
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -46,15 +46,22 @@ pub enum Command {
         /// The TUN device the daemon serves (it names the daemon).
         #[arg(long)]
         interface: String,
+        /// Print the report as JSON (field names in the README, kept
+        /// stable) instead of one fact per line.
+        #[arg(long)]
+        json: bool,
     },
     /// Make the server certificate and client credentials (see docs/auth.md).
     Credentials(crate::auth::CredentialsArgs),
 }
 
+const SERVICE: &str = "Running as a service";
+
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// The TUN device (persistent, with an IPv4 address, e.g. made with
-    /// `ip tuntap add dev tun0 mode tun`).
+    /// The TUN device: one with an IPv4 address (e.g. made with `ip tuntap
+    /// add dev tun0 mode tun`), or the one the daemon creates with
+    /// --tun-address.
     #[arg(long, value_name = "TUN")]
     pub interface: String,
 
@@ -108,6 +115,39 @@ pub struct RunArgs {
     /// full is refused (counted under pool_full); a live one is never evicted.
     #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
     pub xdp_map_size: u32,
+
+    // ---- running as a service (SPEC decision 13; README, "Running it as a
+    // service"): the config file, the metrics endpoint, a TUN the daemon
+    // makes itself so that a unit needs no `ip` commands before it.
+    /// Read options from this TOML file: each key is a long option's name
+    /// without the dashes (`listen-port = 12345`, `insecure-no-auth = true`,
+    /// a repeatable option takes an array). Options on the command line win.
+    #[arg(long, help_heading = SERVICE, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Serve the counters in the Prometheus text format at
+    /// http://ADDR:PORT/metrics (e.g. 127.0.0.1:9477). A separate thread
+    /// answers from a snapshot the daemon takes every second, so scrapers
+    /// never wait on or slow down the data path.
+    #[arg(long, help_heading = SERVICE, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Create the TUN device (--interface) with this address and prefix
+    /// (e.g. 198.18.0.1/24), bring it up, and remove it when the daemon
+    /// exits. Without it the TUN must exist already (`ip tuntap add`).
+    #[arg(long, help_heading = SERVICE, value_name = "ADDR/PREFIX", value_parser = parse_cidr)]
+    pub tun_address: Option<Cidr>,
+
+    /// With --tun-address: the MTU of the TUN it creates (default: the
+    /// uplink's MTU minus 8, the most a datagram carries).
+    #[arg(long, help_heading = SERVICE, value_name = "BYTES", requires = "tun_address", value_parser = clap::value_parser!(u16).range(576..))]
+    pub tun_mtu: Option<u16>,
+
+    /// With --tun-address: route this prefix into the TUN once it is up
+    /// (`ip route add CIDR dev TUN src ADDR`; a client routes its servers
+    /// this way). Repeatable. The routes go with the TUN.
+    #[arg(long, help_heading = SERVICE, value_name = "CIDR", requires = "tun_address", value_parser = parse_cidr)]
+    pub route: Vec<Cidr>,
 
     /// Server: the TLS certificate (PEM) clients authenticate against
     /// (made by `udp-encap-tun credentials server`).

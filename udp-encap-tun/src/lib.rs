@@ -18,11 +18,15 @@
 //!   and rate limiter under a tokio edge.
 //! - [`daemon`]: the thin driver that runs the core between the edges.
 //!
-//! [`cli`] and [`counters`] are shared by all of them.
+//! [`cli`] and [`counters`] are shared by all of them; [`config`] reads
+//! `--config FILE` into the command line, [`report`] is the status model
+//! (text, JSON, Prometheus).
 
 pub mod auth;
 pub mod cli;
+pub mod config;
 pub mod core;
 pub mod counters;
 pub mod daemon;
 pub mod edge;
+pub mod report;

@@ -2,19 +2,27 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use udp_encap_tun::edge::control;
 use udp_encap_tun::{cli, daemon};
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    // `--config FILE` folds the file's settings into the command line.
+    let cli = udp_encap_tun::config::parse_cli();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
     let result = match (cli.command, cli.run) {
-        (Some(cli::Command::Status { interface }), _) => {
-            control::query(&interface).map(|text| print!("{text}"))
-        }
+        (Some(cli::Command::Status { interface, json }), _) => control::query(&interface).and_then(|reply| {
+            // The daemon sends its report as JSON; the text is rendered here
+            // from the same model (src/report.rs), so the two cannot differ.
+            let report = udp_encap_tun::report::Report::from_reply(&reply).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", reply.trim_end());
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }),
         (Some(cli::Command::Credentials(args)), _) => {
             udp_encap_tun::auth::run_credentials_command(&args)
         }

@@ -7,9 +7,11 @@
 //!    everything: the integration tests start the daemon through
 //!    `CARGO_BIN_EXE_udp-encap-tun`, and a second (release) profile would
 //!    double the compile time on 2 cores;
-//! 3. `tests`: `cargo test --workspace --no-fail-fast` (unit tests and the
+//! 3. `package`: `cargo xtask package` (the .deb the package test
+//!    installs; skipped when a test filter leaves that test out);
+//! 4. `tests`: `cargo test --workspace --no-fail-fast` (unit tests and the
 //!    namespace integration tests, which need root);
-//! 4. `clippy`: `cargo clippy --workspace --all-targets -- -D warnings`. It
+//! 5. `clippy`: `cargo clippy --workspace --all-targets -- -D warnings`. It
 //!    is cheap (a metadata-only check build, measured at well under a minute
 //!    warm) and deterministic with the pinned toolchain; it runs after the
 //!    tests so a lint never hides a test result.
@@ -92,7 +94,7 @@ pub fn ci(args: &CiArgs) -> Result<()> {
     finish("ci", &summary, t0.elapsed())
 }
 
-const STEPS: [&str; 4] = ["ebpf", "build", "tests", "clippy"];
+const STEPS: [&str; 5] = ["ebpf", "build", "package", "tests", "clippy"];
 
 enum Outcome {
     Ok(String),
@@ -190,6 +192,14 @@ fn run_test(args: &TestArgs, s: &mut Summary) -> Result<()> {
         c.args(["--workspace", "--no-run"]);
         deps::run(&mut c).map(|()| String::new())
     });
+    // The package test (tests/package.rs) installs target/debian/*.deb: build
+    // it first, unless a filter leaves that test out (a release build is
+    // minutes that `cargo xtask test -- FILTER` should not pay).
+    if built && needs_package(&args.test_args) {
+        s.step("package", || crate::package::build().map(|p| p.display().to_string()));
+    } else {
+        s.skip("package");
+    }
     if built {
         s.step("tests", || run_cargo_test(&root, locked, &args.test_args));
     } else {
@@ -260,6 +270,14 @@ fn run_cargo_test(root: &std::path::Path, locked: bool, extra: &[String]) -> Res
     Ok(counts)
 }
 
+/// Whether the tests that `cargo test -- ARGS` selects include the package
+/// test: no name filter, or one that matches its name.
+fn needs_package(test_args: &[String]) -> bool {
+    const TEST: &str = "package_installs_runs_a_tunnel_and_removes_cleanly";
+    let filters: Vec<&String> = test_args.iter().filter(|a| !a.starts_with('-')).collect();
+    filters.is_empty() || filters.iter().any(|f| TEST.contains(f.as_str()))
+}
+
 /// The number before `label` in a `test result:` line
 /// ("ok. 12 passed; 0 failed; 1 ignored; ...").
 fn count(line: &str, label: &str) -> u64 {
@@ -271,7 +289,18 @@ fn count(line: &str, label: &str) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::count;
+    use super::{count, needs_package};
+
+    #[test]
+    fn package_only_when_its_test_runs() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(needs_package(&v(&[])));
+        assert!(needs_package(&v(&["--nocapture"])));
+        assert!(needs_package(&v(&["package"])));
+        assert!(!needs_package(&v(&["xdp_gate"])));
+        // cargo matches substrings: `tunnel` selects it too.
+        assert!(needs_package(&v(&["tunnel"])));
+    }
 
     #[test]
     fn counts_from_a_test_result_line() {

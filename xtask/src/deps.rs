@@ -14,6 +14,7 @@
 //! - `bpf-linker` 0.13.0 built against Debian's LLVM 22 (rustc 1.95 emits
 //!   LLVM 22 bitcode), linked to `libLLVM.so` dynamically: `llvm-22-dev` is
 //!   all it needs (the static-link extras libpolly/libzstd/zlib are not);
+//! - `cargo-deb` ([`CARGO_DEB_VERSION`]) for `cargo xtask package`;
 //! - the kernel side: `/dev/net/tun` (`modprobe tun`) and bpffs on
 //!   `/sys/fs/bpf` (the daemon pins its maps there).
 
@@ -40,11 +41,17 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("kmod", "modprobe tun when /dev/net/tun is missing"),
     ("procps", "sysctl in the test namespaces (absent from minimal images)"),
     ("conntrack", "flush a NAT router's mappings in the session tests (NAT rebinding)"),
+    ("dpkg-dev", "dpkg-shlibdeps: cargo-deb works out the package's dependencies"),
+    ("systemd", "systemd-analyze verify on the packaged unit (the tests need not run systemd)"),
+    ("prometheus", "a real Prometheus scraping --metrics-listen in the metrics test"),
 ];
 
 /// The bpf-linker release checked with LLVM 22 and Rust 1.95 (TOOLCHAIN.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+/// The cargo-deb release `cargo xtask package` is checked with.
+pub const CARGO_DEB_VERSION: &str = "3.8.0";
 
 /// `cargo xtask deps`.
 pub fn deps() -> Result<()> {
@@ -60,6 +67,7 @@ pub fn ensure() -> Result<()> {
     apt_packages()?;
     rust_components()?;
     bpf_linker()?;
+    cargo_deb()?;
     kernel()?;
     Ok(())
 }
@@ -239,6 +247,35 @@ fn bpf_linker() -> Result<()> {
     let v = output(Command::new("bpf-linker").arg("--version")).with_context(|| {
         format!("bpf-linker was installed but does not run from PATH: add {} to PATH", cargo_bin.display())
     })?;
+    println!("deps: {}: installed", v.trim());
+    Ok(())
+}
+
+/// cargo-deb for `cargo xtask package` (and the package test).
+fn cargo_deb() -> Result<()> {
+    let cargo_bin = cargo_home().join("bin");
+    if which("cargo-deb").is_none() && cargo_bin.join("cargo-deb").is_file() {
+        prepend_path(&cargo_bin);
+    }
+    if let Ok(v) = output(Command::new("cargo-deb").arg("--version")) {
+        println!("deps: {}: present", v.trim());
+        return Ok(());
+    }
+    let by_hand = format!("cargo install --locked cargo-deb --version {CARGO_DEB_VERSION}");
+    println!("deps: cargo-deb: building {CARGO_DEB_VERSION} (about 2 minutes on 2 cores)");
+    let mut install = Command::new("cargo");
+    install
+        .args(["install", "--locked", "cargo-deb", "--version", CARGO_DEB_VERSION])
+        .current_dir(std::env::temp_dir());
+    for var in ["CARGO_TARGET_DIR", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC", "RUSTC_WRAPPER", "CARGO_BUILD_TARGET"] {
+        install.env_remove(var);
+    }
+    run(&mut install).with_context(|| format!("building cargo-deb failed (see cargo's message above); run by hand: {by_hand}"))?;
+    if which("cargo-deb").is_none() {
+        prepend_path(&cargo_bin);
+    }
+    let v = output(Command::new("cargo-deb").arg("--version"))
+        .with_context(|| format!("cargo-deb was installed but does not run from PATH: add {} to PATH", cargo_bin.display()))?;
     println!("deps: {}: installed", v.trim());
     Ok(())
 }

@@ -8,6 +8,7 @@ mod demo;
 mod deps;
 mod ebpf;
 mod fuzz;
+mod package;
 mod vm;
 
 use anyhow::Result;
@@ -40,6 +41,8 @@ enum Command {
     Ci(ci::CiArgs),
     /// Two namespaces, a server and a client daemon, real TCP through the tunnel.
     Demo,
+    /// The Debian package target/debian/udp-encap-tun_<version>-1_amd64.deb (cargo-deb).
+    Package,
     /// Tunnel vs raw veth: throughput (1 and 4 flows, both directions), daemon CPU per GB, request/response latency.
     Bench(bench::BenchArgs),
     /// Boot Debian kernels (6.1, 6.12) in qemu and run the integration tests inside.
@@ -62,6 +65,7 @@ fn main() -> Result<()> {
         Command::Test(args) => ci::test(&args),
         Command::Ci(args) => ci::ci(&args),
         Command::Demo => demo::demo(),
+        Command::Package => package::package(),
         Command::Bench(args) => bench::bench(&args),
         Command::VmTest(args) => vm::vm_test(&args),
     }

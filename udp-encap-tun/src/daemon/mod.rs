@@ -13,6 +13,7 @@ mod auth;
 mod datapath;
 mod gate;
 pub mod host;
+mod service;
 pub mod state;
 mod status;
 
@@ -33,6 +34,7 @@ use crate::core::store::{ConnectionStore, Pool};
 use crate::counters::Counters;
 use crate::edge::batch::BatchUdp;
 use crate::edge::control::{self, StatusRequest};
+use crate::edge::metrics::Metrics;
 use crate::edge::{tun, udp};
 
 use self::auth::{Auth, recv_some};
@@ -72,11 +74,15 @@ fn build_core(args: &RunArgs, host: &Host, counters: Arc<Counters>) -> Result<Co
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(args: RunArgs) -> Result<()> {
     let auth_mode = crate::auth::auth_mode_from_args(&args).map_err(|e| anyhow!("{e}"))?;
+    let created_tun = service::make_tun(&args)?;
     let host = inspect_host(&args)?;
     let counters = Arc::new(Counters::default());
     let mut core = build_core(&args, &host, counters.clone())?;
     let status_listener = control::bind(&args.interface)?;
-    let (tun, offload) = tun::open(&args.interface)?;
+    let (tun, offload) = match created_tun {
+        Some(t) => t,
+        None => tun::open(&args.interface)?,
+    };
     if offload {
         tun::limit_super_segments(&args.interface, host.path_mtu());
     }
@@ -87,6 +93,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut saver = Saver::new(&args, !args.insecure_no_auth)?;
     saver.restore(&mut core, &mut gate);
     let mut auth = Auth::start(auth_mode, &args, &counters)?;
+    let metrics = args.metrics_listen.map(Metrics::start).transpose()?;
 
     let (status_tx, mut status_rx) = mpsc::channel::<StatusRequest>(8);
     let status_task = tokio::spawn(control::serve(status_listener, status_tx));
@@ -119,6 +126,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let busy_poll = Duration::from_micros(u64::from(args.busy_poll));
     let mut poll_until = started;
+
+    let mut snapshots = service::Cadence::default();
+    let report = |core: &Core, gate: &gate::Gate, auth: &Auth, detail| {
+        status::report(&args, &host, core, gate, auth, &udp, offload, started, Instant::now(), detail)
+    };
+    if let Some(m) = &metrics {
+        snapshots.due(Instant::now());
+        m.publish(report(&core, &gate, &auth, status::Detail::CountsOnly));
+    }
+    service::ready(&args);
 
     loop {
         let polling = !busy_poll.is_zero() && Instant::now() < poll_until;
@@ -186,21 +203,31 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     path.send_control(&udp, to, &bytes).await;
                 }
                 saver.save_if_dirty(&core);
+                if let Some(m) = &metrics
+                    && snapshots.due(now)
+                {
+                    m.publish(report(&core, &gate, &auth, status::Detail::CountsOnly));
+                }
             }
             Some(reply) = status_rx.recv() => {
-                let text = status::text(&args, &host, &core, &gate, &auth, &udp, offload, started, Instant::now());
-                let _ = reply.send(text);
+                let _ = reply.send(report(&core, &gate, &auth, status::Detail::WithPeers).to_json());
             }
-            _ = sighup.recv() => saver.dirty |= auth.reload(&mut core, &mut gate),
+            _ = sighup.recv() => {
+                service::reloading();
+                saver.dirty |= auth.reload(&mut core, &mut gate);
+                service::ready(&args);
+            }
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
         }
     }
+    service::notify(&[sd_notify::NotifyState::Stopping]);
     auth.stop();
     status_task.abort();
     // What a restart needs to resume the sessions, as of now.
     saver.dirty = true;
     saver.save_if_dirty(&core);
+    drop(metrics);
     drop(gate);
     log::info!("stopped cleanly");
     Ok(())

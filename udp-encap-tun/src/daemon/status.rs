@@ -1,5 +1,6 @@
-//! The text `udp-encap-tun status` prints: one fact per line (README,
-//! "Reading the counters").
+//! The daemon's state as a [`Report`] (`crate::report`), for the status
+//! socket (JSON, rendered as text by `udp-encap-tun status`) and for the
+//! metrics snapshot.
 
 use std::time::Instant;
 
@@ -9,9 +10,18 @@ use super::host::Host;
 use crate::cli::RunArgs;
 use crate::core::Core;
 use crate::edge::batch::BatchUdp;
+use crate::report::{self, Report};
+
+/// What the report is for: `status` lists every peer; the metrics snapshot,
+/// taken every second, only counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    WithPeers,
+    CountsOnly,
+}
 
 #[allow(clippy::too_many_arguments)]
-pub fn text(
+pub fn report(
     args: &RunArgs,
     host: &Host,
     core: &Core,
@@ -21,105 +31,85 @@ pub fn text(
     tun_offload: bool,
     started: Instant,
     now: Instant,
-) -> String {
-    use std::fmt::Write;
-    let mut t = String::new();
-    let _ = writeln!(t, "version {}", env!("CARGO_PKG_VERSION"));
-    let _ = writeln!(t, "mode {}", if args.is_client() { "client" } else { "server" });
-    let _ = writeln!(t, "auth {}", if args.insecure_no_auth { "off" } else { "on" });
-    let _ = writeln!(
-        t,
-        "interface {} {}/{} mtu {}",
-        args.interface, host.tun_addr, host.tun_prefix, host.tun_mtu
-    );
-    let _ = writeln!(t, "uplink {} mtu {}", args.bind_to_interface, host.uplink_mtu);
-    let _ = writeln!(t, "listen_port {}", args.listen_port);
-    if let Some(p) = args.endpoint_port {
-        let _ = writeln!(t, "endpoint_port {p}");
-    }
-    let _ = writeln!(t, "max_mss {}", core.max_mss());
-    let on = |b: bool| if b { "on" } else { "off" };
-    let _ = writeln!(
-        t,
-        "offloads tun {} udp_gso {} udp_gro {}",
-        on(tun_offload),
-        on(udp.gso()),
-        on(udp.gro())
-    );
-    let _ = writeln!(t, "uptime_seconds {}", now.saturating_duration_since(started).as_secs());
-    if let Some(store) = core.store() {
-        let _ = writeln!(
-            t,
-            "pool {}/{} capacity {} entries {}",
-            store.pool().network(),
-            store.pool().prefix(),
-            store.pool().capacity(),
-            store.len()
-        );
-    }
-    match gate {
-        Gate::Off => {
-            let _ = writeln!(t, "xdp off");
-        }
-        Gate::Xdp(g) => {
-            let _ = writeln!(t, "xdp {} pins {}", g.mode(), g.pin_dir().display());
-        }
-    }
+    detail: Detail,
+) -> Report {
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let mut counters = report::Counters::default();
     for (name, v) in core.counters().snapshot() {
-        let _ = writeln!(t, "counter {name} {v}");
+        counters.push(name, v);
     }
     if let Some(stats) = auth.stats() {
         for (name, v) in stats.snapshot() {
-            let _ = writeln!(t, "counter {name} {v}");
+            counters.push(name, v);
         }
     }
+    let mut xdp_counters_error = None;
     if let Gate::Xdp(g) = gate {
         match g.counters() {
-            Ok(cs) => {
-                for (name, v) in cs {
-                    let _ = writeln!(t, "counter {name} {v}");
-                }
-            }
-            Err(e) => {
-                let _ = writeln!(t, "xdp_counters_error {e}");
-            }
+            Ok(cs) => cs.into_iter().for_each(|(name, v)| counters.push(name, v)),
+            Err(e) => xdp_counters_error = Some(e.to_string()),
         }
     }
-    if let Some(store) = core.store() {
+    let mut peers = Vec::new();
+    if let (Some(store), Detail::WithPeers) = (core.store(), detail) {
         let sessions = core.server_sessions();
         let mut entries: Vec<_> = store.entries().collect();
         entries.sort_by_key(|e| e.addr);
         for e in entries {
-            let idle = now.saturating_duration_since(e.refreshed);
-            let left = e.deadline.map_or(u128::MAX, |d| d.saturating_duration_since(now).as_millis());
-            // An entry whose session has not proven its UDP path yet has no
-            // peer: a `pending` line, so that `peer` lines are the entries
-            // datagrams can reach.
-            let _ = match e.peer {
-                Some(p) => write!(t, "peer {p} {} idle_ms {} expires_in_ms {left}", e.addr, idle.as_millis()),
-                None => write!(t, "pending {} idle_ms {} expires_in_ms {left}", e.addr, idle.as_millis()),
-            };
-            let _ = match sessions.and_then(|s| s.get_by_addr(e.addr)) {
-                Some(s) => writeln!(t, " client {} session {}", s.client, s.id),
-                None => writeln!(t),
-            };
+            let session = sessions.and_then(|s| s.get_by_addr(e.addr));
+            peers.push(report::Peer {
+                peer: e.peer,
+                address: e.addr,
+                idle_ms: ms(now.saturating_duration_since(e.refreshed)),
+                expires_in_ms: e.deadline.map_or(u64::MAX, |d| ms(d.saturating_duration_since(now))),
+                client: session.map(|s| s.client.clone()),
+                session: session.map(|s| s.id.to_string()),
+            });
         }
     }
-    if let Some(sessions) = core.client_sessions() {
-        let mut all: Vec<_> = sessions.iter().collect();
-        all.sort_by_key(|s| s.server);
-        for s in all {
-            let _ = writeln!(
-                t,
-                "lease {} expires_in_ms {} path {} session {} state {} heard_ms {}",
-                s.server,
-                s.until.saturating_duration_since(now).as_millis(),
-                s.path,
-                s.id,
-                if s.bound { "bound" } else { "binding" },
-                now.saturating_duration_since(s.heard).as_millis(),
-            );
-        }
+    let mut leases: Vec<_> = core
+        .client_sessions()
+        .into_iter()
+        .flat_map(|c| c.iter())
+        .map(|s| report::Lease {
+            server: s.server,
+            expires_in_ms: ms(s.until.saturating_duration_since(now)),
+            path: s.path,
+            session: s.id.to_string(),
+            state: if s.bound { "bound" } else { "binding" }.to_string(),
+            heard_ms: ms(now.saturating_duration_since(s.heard)),
+        })
+        .collect();
+    leases.sort_by_key(|l| l.server);
+    Report {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        mode: if args.is_client() { "client" } else { "server" }.to_string(),
+        auth: !args.insecure_no_auth,
+        interface: report::Interface {
+            name: args.interface.clone(),
+            address: host.tun_addr,
+            prefix: host.tun_prefix,
+            mtu: host.tun_mtu,
+        },
+        uplink: report::Uplink { name: args.bind_to_interface.clone(), mtu: host.uplink_mtu },
+        listen_port: args.listen_port,
+        endpoint_port: args.endpoint_port,
+        max_mss: core.max_mss(),
+        offloads: report::Offloads { tun: tun_offload, udp_gso: udp.gso(), udp_gro: udp.gro() },
+        uptime_seconds: now.saturating_duration_since(started).as_secs(),
+        pool: core.store().map(|s| report::PoolInfo {
+            network: s.pool().network(),
+            prefix: s.pool().prefix(),
+            capacity: s.pool().capacity() as u64,
+            entries: s.len() as u64,
+        }),
+        xdp: match gate {
+            Gate::Off => None,
+            Gate::Xdp(g) => Some(report::XdpInfo { mode: g.mode().to_string(), pins: g.pin_dir().display().to_string() }),
+        },
+        counters,
+        xdp_counters_error,
+        peers,
+        leases,
     }
-    t
 }

@@ -118,6 +118,56 @@ pub fn set_gso_max_segs(name: &str, segs: u32) -> io::Result<()> {
     }
 }
 
+/// Routes `dst/prefix` into the interface `name` with `src` as the
+/// preferred source address, in the main table (`ip route add DST dev NAME
+/// src SRC`), by one RTM_NEWROUTE request. Needs CAP_NET_ADMIN. The kernel
+/// removes the route with the interface.
+pub fn add_route(name: &str, dst: Ipv4Addr, prefix: u8, src: Ipv4Addr) -> io::Result<()> {
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+    let index = ifindex(name).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such interface"))?;
+    let mut sock = Socket::new(NETLINK_ROUTE)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
+    sock.send(&newroute_request(index, dst, prefix, src), 0)?;
+    let mut reply = Vec::with_capacity(4096);
+    let n = sock.recv(&mut reply, 0)?;
+    match netlink_ack(reply.get(..n).unwrap_or(&[])) {
+        Some(0) => Ok(()),
+        Some(errno) => Err(io::Error::from_raw_os_error(errno.saturating_neg())),
+        None => Err(io::Error::other("unexpected rtnetlink reply")),
+    }
+}
+
+/// RTM_NEWROUTE for a link-scope unicast route (what `ip route add DST dev
+/// IF src SRC` sends, NLM_F_EXCL: an existing route is an error, not
+/// replaced).
+fn newroute_request(index: u32, dst: Ipv4Addr, prefix: u8, src: Ipv4Addr) -> Vec<u8> {
+    use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+    use netlink_packet_route::AddressFamily;
+    use netlink_packet_route::route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    };
+    let mut route = RouteMessage::default();
+    route.header.address_family = AddressFamily::Inet;
+    route.header.destination_prefix_length = prefix;
+    route.header.table = RouteHeader::RT_TABLE_MAIN;
+    route.header.protocol = RouteProtocol::Static;
+    route.header.scope = RouteScope::Link;
+    route.header.kind = RouteType::Unicast;
+    route.attributes = vec![
+        RouteAttribute::Destination(RouteAddress::Inet(dst)),
+        RouteAttribute::Oif(index),
+        RouteAttribute::PrefSource(RouteAddress::Inet(src)),
+    ];
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::NewRoute(route)));
+    msg.finalize();
+    let mut buf = vec![0; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    buf
+}
+
 /// An rtnetlink RTM_NEWLINK request that sets one attribute of the
 /// interface `index`: what `ip link set` sends (without NLM_F_CREATE the
 /// kernel changes the existing link, the path checked on Linux 6.1).

@@ -39,6 +39,41 @@ pub fn open(name: &str) -> Result<(tun_rs::AsyncDevice, bool)> {
     Ok((dev, false))
 }
 
+/// Creates the TUN `name` (`--tun-address`) with `addr/prefix` and `mtu`,
+/// up, with offloads where the kernel allows them. It is not persistent: it
+/// goes away with the daemon's file descriptor, a kill -9 included, so
+/// nothing is left to block the next start.
+pub fn create(name: &str, addr: std::net::Ipv4Addr, prefix: u8, mtu: u16) -> Result<(tun_rs::AsyncDevice, bool)> {
+    if netdev::ifindex(name).is_some() {
+        return Err(anyhow!(
+            "--tun-address asks to create {name}, but an interface {name} exists already: drop \
+             --tun-address (and tun-address from the config file) to use it as it is, or remove it \
+             (`ip link del {name}`)"
+        ));
+    }
+    let builder = || tun_rs::DeviceBuilder::new().name(name).ipv4(addr, prefix, None).mtu(mtu).enable(true);
+    let offload_error = match builder().offload(true).build_async() {
+        Ok(dev) => {
+            log::info!(
+                "created TUN {name} {addr}/{prefix} MTU {mtu}; offloads: TSO/checksum {}, USO {}",
+                if dev.tcp_gso() { "on" } else { "off" },
+                if dev.udp_gso() { "on" } else { "off" }
+            );
+            return Ok((dev, true));
+        }
+        Err(e) => e,
+    };
+    // The half-made device goes with the failed builder's fd.
+    let dev = builder().build_async().map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            anyhow!("not allowed to create TUN {name} ({e}): it takes CAP_NET_ADMIN; run as root or under the systemd unit")
+        }
+        _ => anyhow!("cannot create TUN {name} with {addr}/{prefix}, MTU {mtu}: {e}"),
+    })?;
+    log::warn!("TUN offloads unavailable on {name} ({offload_error}): one packet per read and write");
+    Ok((dev, false))
+}
+
 /// Caps the TUN's super-segments at what one GSO send carries (see
 /// [`batch::segments_per_send`]). Worth about a tenth of the throughput;
 /// without the privilege to set it the tunnel still works, in two sends.
