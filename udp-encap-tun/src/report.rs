@@ -355,7 +355,7 @@ mod tests {
              pool 198.18.0.0/24 capacity 253 entries 1\n\
              xdp generic pins /sys/fs/bpf/udp-encap-tun/1-eth0-12345\n\
              counter tun_rx_packets 5\ncounter discard_not_tcp 0\ncounter xdp_map_entries 1\n\
-             peer 192.0.2.2:40000 198.18.0.2 idle_ms 10 expires_in_ms 290000 client alice\n"
+             peer 192.0.2.2:40000 198.18.0.2 idle_ms 10 expires_in_ms 290000 client alice session 0102030405060708\n"
         );
     }
 

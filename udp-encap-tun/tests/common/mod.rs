@@ -633,7 +633,8 @@ impl Daemon {
             .to_string();
         let mut cmd = ns.cmd(BIN);
         cmd.args(&args);
-        if !args.iter().any(|a| *a == "--state-dir" || *a == "--config") && args.first() != Some(&"status") {
+        // Also with --config: the command line wins over the file.
+        if !args.contains(&"--state-dir") && args.first() != Some(&"status") {
             cmd.arg("--state-dir").arg(ns.state_dir());
         }
         cmd.stdin(Stdio::null())
