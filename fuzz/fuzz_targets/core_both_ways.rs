@@ -12,14 +12,15 @@
 //! Input format (so seeds can be written by hand, see fuzz/seeds):
 //! 4 setup bytes [flags, server gate capacity, client gate capacity, MTU
 //! selector], then operations, each a tag byte and its fields (`Op`).
-#![no_main]
+// Under `cargo test` (udp-encap-tun/tests/fuzz_seeds.rs includes this file
+// and replays the committed seeds through `run`) there is no libFuzzer.
+#![cfg_attr(not(test), no_main)]
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use libfuzzer_sys::fuzz_target;
 use udp_encap_tun::core::{Core, FromTun, FromTunSuper, GateFull, HEADROOM, PeerGate};
 use udp_encap_tun::store::{ConnectionStore, Pool};
 use udp_encap_tun::wire;
@@ -367,7 +368,8 @@ impl World {
     }
 }
 
-fuzz_target!(|data: &[u8]| {
+/// One input: what libFuzzer hands the target, or a committed seed.
+pub fn run(data: &[u8]) {
     let mut inp = Input(data);
     let flags = inp.u8();
     let server_cap = usize::from(inp.u8() % 17);
@@ -397,4 +399,7 @@ fuzz_target!(|data: &[u8]| {
         w.step(op, &mut inp);
         w.check();
     }
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| run(data));
