@@ -153,8 +153,8 @@ impl World {
         assert!(self.client.store().is_none());
     }
 
-    /// from_udp on `core`, checking what it hands the TUN. Returns the packet.
-    fn from_udp(&mut self, to_server: bool, src: SocketAddrV4, payload: &[u8], len: usize) -> Option<Vec<u8>> {
+    /// Core::from_udp on `core`, checking what it hands the TUN. Returns the packet.
+    fn receive(&mut self, to_server: bool, src: SocketAddrV4, payload: &[u8], len: usize) -> Option<Vec<u8>> {
         let mut buf = datagram(payload);
         let (core, gate) = if to_server {
             (&mut self.server, &mut self.sgate)
@@ -262,7 +262,7 @@ impl World {
                         n => payload.len() + usize::from(n),
                     },
                 };
-                self.from_udp(to_server, src, &payload, len);
+                self.receive(to_server, src, &payload, len);
             }
             // Authentication admits a peer.
             4 => {
@@ -298,7 +298,7 @@ impl World {
                     .is_ok_and(|t| tcp_checksum_valid(t.src, t.dst, &pkt[t.segment.clone()]));
                 if let Ok(FromTun::Send { payload, .. }) = self.client.from_tun(&mut pkt, self.now) {
                     let seg = pkt[payload].to_vec();
-                    if let Some(out) = self.from_udp(true, peer, &seg, seg.len()) {
+                    if let Some(out) = self.receive(true, peer, &seg, seg.len()) {
                         let t = wire::parse_ipv4_tcp(&out).expect("checked in from_udp");
                         if valid {
                             assert!(
@@ -330,7 +330,7 @@ impl World {
                     }
                     let seg = pkt[payload].to_vec();
                     let from = SocketAddrV4::new(server_real(pick), ENDPOINT_PORT);
-                    if let Some(out) = self.from_udp(false, from, &seg, seg.len()) {
+                    if let Some(out) = self.receive(false, from, &seg, seg.len()) {
                         let t = wire::parse_ipv4_tcp(&out).expect("checked in from_udp");
                         if valid {
                             assert!(

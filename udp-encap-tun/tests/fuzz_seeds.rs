@@ -33,8 +33,11 @@ mod wire_segment;
 #[path = "../../fuzz/fuzz_targets/wire_tun_packet.rs"]
 mod wire_tun_packet;
 
-/// Every target of fuzz/Cargo.toml and its entry point.
-const TARGETS: [(&str, fn(&[u8])); 5] = [
+/// A target's name (its `[[bin]]` in fuzz/Cargo.toml) and its entry point.
+type Target = (&'static str, fn(&[u8]));
+
+/// Every target of fuzz/Cargo.toml.
+const TARGETS: [Target; 5] = [
     ("auth_messages", auth_messages::run),
     ("core_both_ways", core_both_ways::run),
     ("tso_read", tso_read::run),
