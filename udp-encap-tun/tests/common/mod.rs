@@ -1128,6 +1128,24 @@ pub fn send_payload(w: &mut impl Write, len: u64, seed: u64) -> io::Result<Sha> 
     Ok(h.finalize().into())
 }
 
+/// A writer that counts the bytes the inner writer accepted: what a
+/// transfer really wrote, as opposed to what it was asked to write.
+pub struct Counting<W> {
+    pub inner: W,
+    pub written: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Reads to EOF; returns (bytes, SHA-256).
 pub fn recv_to_eof(r: &mut impl Read) -> io::Result<(u64, Sha)> {
     let mut buf = vec![0u8; CHUNK];
@@ -1179,6 +1197,7 @@ pub struct ServerConn {
     pub local: SocketAddr,
     pub received: u64,
     pub received_sha: Sha,
+    /// Bytes the socket accepted (counted, not the requested length).
     pub sent: u64,
     pub sent_sha: Sha,
     pub error: Option<String>,
@@ -1190,14 +1209,16 @@ pub struct ClientResult {
     pub transfer: Transfer,
     pub local: SocketAddr,
     pub peer: SocketAddr,
+    /// Bytes the socket accepted (counted, not the requested length).
     pub sent: u64,
     pub sent_sha: Sha,
     pub received: u64,
     pub received_sha: Sha,
 }
 
-/// Checks that both directions arrived complete and intact: length and
-/// SHA-256 computed by the receiver equal what the sender sent.
+/// Checks that both directions arrived complete and intact: each sender
+/// wrote the whole requested length (counted by [`Counting`]), and length
+/// and SHA-256 computed by the receiver equal what the sender wrote.
 pub fn assert_transfer_ok(c: &ClientResult, s: &ServerConn) {
     assert!(
         s.error.is_none(),
@@ -1343,11 +1364,11 @@ fn serve_conn(mut stream: TcpStream, peer: SocketAddr) -> ServerConn {
         conn.id = word(0);
         let download = word(2);
         let seed = word(3) ^ DOWN;
-        let mut w = stream.try_clone()?;
-        let writer = thread::spawn(move || -> io::Result<Sha> {
+        let mut w = Counting { inner: stream.try_clone()?, written: 0 };
+        let writer = thread::spawn(move || -> io::Result<(u64, Sha)> {
             let sha = send_payload(&mut w, download, seed)?;
-            w.shutdown(Shutdown::Write)?;
-            Ok(sha)
+            w.inner.shutdown(Shutdown::Write)?;
+            Ok((w.written, sha))
         });
         let recv = recv_to_eof(&mut stream);
         let sent = writer
@@ -1356,8 +1377,7 @@ fn serve_conn(mut stream: TcpStream, peer: SocketAddr) -> ServerConn {
         let (n, sha) = recv?;
         conn.received = n;
         conn.received_sha = sha;
-        conn.sent_sha = sent?;
-        conn.sent = download;
+        (conn.sent, conn.sent_sha) = sent?;
         Ok(())
     })();
     if let Err(e) = r {
@@ -1386,14 +1406,14 @@ pub fn transfer_on(mut stream: TcpStream, t: Transfer) -> io::Result<ClientResul
         hdr.extend_from_slice(&w.to_be_bytes());
     }
     stream.write_all(&hdr)?;
-    let mut w = stream.try_clone()?;
-    let writer = thread::spawn(move || -> io::Result<Sha> {
+    let mut w = Counting { inner: stream.try_clone()?, written: 0 };
+    let writer = thread::spawn(move || -> io::Result<(u64, Sha)> {
         let sha = send_payload(&mut w, t.upload, t.seed)?;
-        w.shutdown(Shutdown::Write)?;
-        Ok(sha)
+        w.inner.shutdown(Shutdown::Write)?;
+        Ok((w.written, sha))
     });
     let recv = recv_to_eof(&mut stream);
-    let sent_sha = writer
+    let (sent, sent_sha) = writer
         .join()
         .map_err(|_| io::Error::other("writer panicked"))??;
     let (received, received_sha) = recv?;
@@ -1401,7 +1421,7 @@ pub fn transfer_on(mut stream: TcpStream, t: Transfer) -> io::Result<ClientResul
         transfer: t,
         local,
         peer,
-        sent: t.upload,
+        sent,
         sent_sha,
         received,
         received_sha,
