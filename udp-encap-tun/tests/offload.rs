@@ -890,6 +890,18 @@ fn parse_seg(b: &[u8]) -> Option<Seg> {
     })
 }
 
+/// TCP_MAXSEG of a connected socket: the MSS it sends with.
+fn tcp_maxseg(s: &TcpStream) -> i32 {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid socket fd, a pointer to a live c_int and its length.
+    let r = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_MAXSEG, (&raw mut v).cast(), &mut len)
+    };
+    assert!(r == 0, "TCP_MAXSEG: {}", io::Error::last_os_error());
+    v
+}
+
 /// Receives datagrams from `from` until one parses to a segment matching
 /// `want`; panics (listing what came) after `deadline`.
 fn recv_seg(
@@ -936,8 +948,14 @@ fn recv_seg(
 /// A hand-made peer speaks the wire format to a v1 server with a plain UDP
 /// socket, one datagram per segment: its SYN reaches an app on the server,
 /// the SYN-ACK comes back as one wire-format segment with a valid zero-address
-/// checksum (and a clamped MSS), the handshake completes, the app receives
-/// exactly the peer's payload and its reply comes back intact.
+/// checksum, the handshake completes, the app receives exactly the peer's
+/// payload and its reply comes back intact.
+///
+/// The server's uplink has MTU 1300 (its TUN 1400), so the clamp must act
+/// both ways (1300 - 8 - 40 = 1252): the peer's SYN announces 1460 and the
+/// server's TCP must be told 1252 (its socket's TCP_MAXSEG), the server
+/// kernel's SYN-ACK announces 1360 and the peer must see 1252; the
+/// `mss_clamped` counter counts the two.
 #[test]
 fn plain_datagram_peer_handshakes_and_exchanges_data() {
     const APP: u16 = 5605;
@@ -947,6 +965,7 @@ fn plain_datagram_peer_handshakes_and_exchanges_data() {
     let topo = Topology::two_hosts("opln");
     let s = &topo.server;
     let c = topo.client(0);
+    s.ns.ip(&["link", "set", &s.uplink, "mtu", "1300"]);
     let tun = s.add_server_tun();
     let server = Daemon::spawn(
         &s.ns,
@@ -976,11 +995,10 @@ fn plain_datagram_peer_handshakes_and_exchanges_data() {
         .raw
         .lines()
         .find_map(|l| l.strip_prefix("max_mss ")?.trim().parse::<u16>().ok());
+    assert_eq!(max_mss, Some(1252), "min(TUN 1400, uplink 1300 - 8) - 40");
+    // The server's kernel announced its TUN's 1400 - 40 = 1360.
     let mss = synack.mss.expect("SYN-ACK carries an MSS option");
-    assert!(
-        max_mss.is_some_and(|m| mss <= m),
-        "SYN-ACK MSS {mss} above the clamp {max_mss:?}"
-    );
+    assert_eq!(mss, 1252, "the SYN-ACK's MSS was not clamped to the path (TUN to wire)");
     let st = server.status();
     assert_eq!(st.peers.len(), 1, "{}", st.raw);
     assert_eq!(
@@ -1012,6 +1030,15 @@ fn plain_datagram_peer_handshakes_and_exchanges_data() {
     conn.set_nonblocking(false).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    // The MSS the server's TCP sends with: the peer's 1460 as the daemon
+    // clamped it on the way into the TUN (no TCP options to take off: the
+    // peer sent no timestamps).
+    assert_eq!(
+        tcp_maxseg(&conn),
+        1252,
+        "the peer's SYN reached the server's TCP with an MSS above the path's (wire to TUN)"
+    );
+    assert_eq!(server.counter("mss_clamped"), 2, "the SYN and the SYN-ACK");
     let mut got = vec![0u8; msg.len()];
     conn.read_exact(&mut got)
         .expect("server app reads the peer's payload");

@@ -485,3 +485,132 @@ fn client_routing_carries_tcp_as_udp_only() {
         assert!(st.success(), "{name} exited with {st} on SIGTERM");
     }
 }
+
+/// The MSS announced by each SYN that `tcpdump -r` printed (`mss N` in
+/// the options), in capture order.
+fn syn_mss(dump: &str) -> Vec<u16> {
+    dump.lines()
+        .filter_map(|l| {
+            let at = l.find("[mss ")? + 5;
+            let digits: String = l[at..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// SPEC decision 6 with a path where the MSS clamp must act both ways: the
+/// server's uplink has MTU 1300 (the client's 1500), both TUNs 1400. The
+/// server warns at start-up that its TUN MTU is more than the uplink's
+/// minus 8 (the client, whose TUN fits, does not) and clamps to
+/// 1300 - 8 - 40 = 1252: the client's SYN (1360, what the client's kernel
+/// and daemon allow) reaches the server's TCP as 1252 (wire to TUN), and the
+/// server kernel's SYN-ACK (1360) reaches the client's TCP as 1252 (TUN to
+/// wire); `mss_clamped` counts both. Then 4 MiB each way arrive intact in
+/// datagrams that fit the 1300-byte link unfragmented (a 1360-byte segment
+/// would not: the server's veth drops what exceeds its MTU).
+#[test]
+fn mss_clamp_fits_a_smaller_uplink_both_ways() {
+    const PORT: u16 = 40300;
+    const APP: u16 = 5601;
+    let topo = Topology::two_hosts("tmss");
+    let s = &topo.server;
+    let c = topo.client(0);
+    s.ns.ip(&["link", "set", &s.uplink, "mtu", "1300"]);
+    // The kernel cuts GSO trains before the wire (the daemons still send
+    // trains), so the capture sees each datagram at its real size.
+    for h in [s, c] {
+        h.ns.run(&["ethtool", "-K", &h.uplink, "tx-udp-segmentation", "off"]);
+    }
+    let tun = s.add_server_tun();
+    c.add_client_tun(s.addr);
+    let server = Daemon::spawn(
+        &s.ns,
+        "tmss-server",
+        &daemon_args(&tun, &s.uplink, PORT, None, V1),
+    );
+    let client = Daemon::spawn(
+        &c.ns,
+        "tmss-client",
+        &daemon_args("tun0", &c.uplink, PORT, Some(PORT), V1),
+    );
+    let warning = format!(
+        "the MTU of {tun} (1400) is more than the MTU of {} (1300) minus 8",
+        s.uplink
+    );
+    assert!(
+        server.log_text().contains(&warning),
+        "no start-up MTU warning in the server log (want `{warning}`):\n{}",
+        server.log_tail(20)
+    );
+    assert!(
+        !client.log_text().contains("is more than the MTU of"),
+        "the client warned about an MTU that fits:\n{}",
+        client.log_tail(20)
+    );
+    let max_mss = |d: &Daemon| {
+        let st = d.status();
+        st.raw
+            .lines()
+            .find_map(|l| l.strip_prefix("max_mss ")?.trim().parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("no max_mss in status:\n{}", st.raw))
+    };
+    assert_eq!(max_mss(&server), 1252, "server: min(1400, 1300 - 8) - 40");
+    assert_eq!(max_mss(&client), 1360, "client: min(1400, 1500 - 8) - 40");
+
+    // A first, small connection (its segments fit any path): the MSS that
+    // each end's TCP was told, seen on its TUN.
+    let mut s_tun = Capture::start(&s.ns, &tun);
+    let mut c_tun = Capture::start(&c.ns, "tun0");
+    let app = AppServer::start(&s.ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+    let dest = SocketAddrV4::new(s.addr, APP);
+    let r = transfer_from(&c.ns, dest, Transfer::new(1, 1000, 1000));
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+    // SYN (client to server) as the server's TCP got it from its TUN, and
+    // SYN-ACK (server to client) as the client's TCP got it from its TUN.
+    let syn_at_server = s_tun.dump(&format!("tcp dst port {APP} and tcp[13] & 0x12 == 0x02"), 20);
+    let synack_at_client = c_tun.dump(&format!("tcp src port {APP} and tcp[13] & 0x12 == 0x12"), 20);
+    eprintln!("server TUN, SYN:\n{syn_at_server}\nclient TUN, SYN-ACK:\n{synack_at_client}");
+    for (what, dump) in [
+        ("the SYN the server's TCP received (wire to TUN)", &syn_at_server),
+        ("the SYN-ACK the client's TCP received (TUN to wire)", &synack_at_client),
+    ] {
+        let mss = syn_mss(dump);
+        assert!(
+            !mss.is_empty() && mss.iter().all(|m| *m == 1252),
+            "{what} announced MSS {mss:?}, want 1252:\n{dump}"
+        );
+    }
+    let st = server.status();
+    assert!(
+        st.counter("mss_clamped") >= 2,
+        "the server clamped fewer than the SYN and the SYN-ACK:\n{}",
+        st.raw
+    );
+    let cs = client.status();
+    assert_eq!(
+        cs.counter("mss_clamped"),
+        0,
+        "the client clamped although its kernel's MSS fits its path:\n{}",
+        cs.raw
+    );
+
+    // Bulk: full-size segments. On the client's side of the link: its own
+    // datagrams before the server's veth could drop an oversized one, the
+    // server's after it. Without the clamp the transfer crawls rather than
+    // stops (what does not fit is lost, small segments get through): a
+    // deadline, not a hang.
+    let mut wire = Capture::start(&c.ns, &c.uplink);
+    let h = spawn_transfer(&c.ns, dest, Transfer::new(2, 4 * MIB, 4 * MIB));
+    let r = join_transfer(h, Duration::from_secs(60), "4 MiB each way over the 1300-byte link");
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+    let st = server.status();
+    assert_eq!(st.counter("discard_io_error"), 0, "{}", st.raw);
+    // Nothing on the link was fragmented or larger than the server's MTU
+    // (an Ethernet frame of at most 14 + 1300 bytes).
+    let big = wire.count("greater 1315");
+    let frags = wire.count("ip[6:2] & 0x3fff != 0");
+    let tunnel = wire.count(&format!("udp port {PORT}"));
+    assert!(tunnel > 3000, "only {tunnel} tunnel datagrams for 8 MiB");
+    assert_eq!(big, 0, "frames above the MTU:\n{}", wire.dump("greater 1315", 5));
+    assert_eq!(frags, 0, "IP fragments:\n{}", wire.dump("ip[6:2] & 0x3fff != 0", 5));
+}

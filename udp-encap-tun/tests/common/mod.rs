@@ -1448,6 +1448,19 @@ pub fn spawn_transfer(
     })
 }
 
+/// Waits for a [`spawn_transfer`] thread until `deadline`: a tunnel that
+/// crawls (some bytes now and then, so no socket timeout fires) fails the
+/// test by name instead of running into the test binary's time limit. The
+/// thread is left to end on its own socket timeouts.
+pub fn join_transfer(h: JoinHandle<io::Result<ClientResult>>, deadline: Duration, what: &str) -> ClientResult {
+    wait_until(deadline, &format!("{what} to finish"), || h.is_finished());
+    match h.join() {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("{what} failed: {e}"),
+        Err(e) => std::panic::resume_unwind(e),
+    }
+}
+
 // ---------------------------------------------------------------- odd packets
 
 /// Sends `n` UDP datagrams to `dest` from the calling thread's namespace
