@@ -608,6 +608,13 @@ impl Daemon {
 
     /// Spawns without waiting for the control socket (for start-up error tests).
     pub fn spawn_no_wait<S: AsRef<str>>(ns: &Netns, label: &str, args: &[S]) -> Daemon {
+        Daemon::spawn_no_wait_via(ns, label, &[], args)
+    }
+
+    /// [`Daemon::spawn_no_wait`] through a wrapper that execs the daemon
+    /// (`setpriv --reuid 65534 ...`): `nsenter --net=NS -- WRAPPER... BIN ARGS`.
+    /// The wrapper execs, so the PID is the daemon's.
+    pub fn spawn_no_wait_via<S: AsRef<str>>(ns: &Netns, label: &str, wrapper: &[&str], args: &[S]) -> Daemon {
         let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
         let dir = ArtifactDir::new(label);
         let log = dir.file(&format!("{label}.log"));
@@ -617,7 +624,14 @@ impl Daemon {
             .find(|w| w[0] == "--interface")
             .map_or("tun0", |w| w[1])
             .to_string();
-        let mut cmd = ns.cmd(BIN);
+        let mut cmd = match wrapper.split_first() {
+            None => ns.cmd(BIN),
+            Some((w, rest)) => {
+                let mut c = ns.cmd(w);
+                c.args(rest).arg(BIN);
+                c
+            }
+        };
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log fd"))
@@ -778,15 +792,46 @@ impl Daemon {
         }
     }
 
+    /// Waits up to `deadline` for the daemon to exit by itself (a start-up
+    /// error); returns its status. Panics (after SIGKILL) if it keeps running.
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        assert!(self.child.is_some(), "daemon {} already stopped", self.label);
+        match self.wait_deadline(deadline) {
+            Some(st) => {
+                self.child = None;
+                st
+            }
+            None => {
+                self.signal(libc::SIGKILL);
+                let _ = self.wait_deadline(Duration::from_secs(5));
+                self.child = None;
+                panic!(
+                    "daemon {} still running {deadline:?} after its start; log:\n{}",
+                    self.label,
+                    self.log_tail(40)
+                );
+            }
+        }
+    }
+
     /// SIGTERM and wait up to 10 s; returns the exit status. Panics (after a
     /// SIGKILL) if it does not exit.
     pub fn stop(&mut self) -> ExitStatus {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// The same with SIGINT (Ctrl-C).
+    pub fn interrupt(&mut self) -> ExitStatus {
+        self.stop_with(libc::SIGINT)
+    }
+
+    fn stop_with(&mut self, sig: i32) -> ExitStatus {
         assert!(
             self.child.is_some(),
             "daemon {} already stopped",
             self.label
         );
-        self.signal(libc::SIGTERM);
+        self.signal(sig);
         match self.wait_deadline(Duration::from_secs(10)) {
             Some(st) => {
                 self.child = None;
@@ -797,7 +842,7 @@ impl Daemon {
                 let _ = self.wait_deadline(Duration::from_secs(5));
                 self.child = None;
                 panic!(
-                    "daemon {} did not exit within 10 s of SIGTERM; log:\n{}",
+                    "daemon {} did not exit within 10 s of signal {sig}; log:\n{}",
                     self.label,
                     self.log_tail(40)
                 );
