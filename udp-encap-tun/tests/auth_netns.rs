@@ -1209,3 +1209,185 @@ fn reauthentication_after_client_and_server_restarts() {
     assert!(server.stop().success());
     let _ = client;
 }
+
+// ---------------------------------------------------------------- pool
+
+/// SPEC decision 4 end to end, with two real clients behind a NAT: a pool
+/// outside the TUN's subnet (`--pool 198.18.5.9/32`, routed into the TUN as
+/// the README says) gives alice 198.18.5.9, which the server's application
+/// sees as her address; that one address is then the whole pool, so bob,
+/// with a good credential, is refused: the server counts `discard_pool_full`
+/// and logs it, bob holds no lease and his connection fails, while alice
+/// keeps her address and transfers again intact (never an address reuse).
+#[test]
+fn pool_outside_the_tun_subnet_and_a_full_pool_refuses_a_real_peer() {
+    const PORT: u16 = 42600;
+    const APP: u16 = 5661;
+    let topo = Topology::nat_two_clients("apool");
+    let s = &topo.server;
+    let tun = s.add_server_tun();
+    s.ns.ip(&["route", "add", "198.18.5.9/32", "dev", &tun]);
+    for c in &topo.clients {
+        c.add_client_tun(s.addr);
+    }
+    let art = ArtifactDir::new("apool-creds");
+    let creds = CredDir::new(&art, "server");
+    let (alice, bob) = (creds.client("alice"), creds.client("bob"));
+    let mut extra = vec!["--pool".to_string(), "198.18.5.9/32".to_string()];
+    extra.extend(creds.server_args());
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let server = Daemon::spawn(&s.ns, "apool-server", &daemon_args(&tun, &s.uplink, PORT, None, &extra));
+    let st = server.status();
+    assert!(
+        st.raw.lines().any(|l| l.starts_with("pool 198.18.5.9/32 capacity 1 ")),
+        "the pool is not the one given:\n{}",
+        st.raw
+    );
+    let client = |i: usize, cred: &Path, label: &str| {
+        let c = topo.client(i);
+        Daemon::spawn(
+            &c.ns,
+            label,
+            &daemon_args("tun0", &c.uplink, PORT, Some(PORT), &["--credential", cred.to_str().unwrap()]),
+        )
+    };
+    let app = AppServer::start(&s.ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+    let dest = SocketAddrV4::new(s.addr, APP);
+
+    let alice_d = client(0, &alice, "apool-alice");
+    let r = transfer_from(&topo.client(0).ns, dest, Transfer::new(1, MIB, MIB));
+    let conn = app.next(Duration::from_secs(30));
+    assert_transfer_ok(&r, &conn);
+    let outside = Ipv4Addr::new(198, 18, 5, 9);
+    assert_eq!(conn.peer.ip(), IpAddr::V4(outside), "the app saw alice at another address");
+    let st = server.status();
+    assert_eq!(st.generated(), vec![outside], "{}", st.raw);
+
+    let bob_d = client(1, &bob, "apool-bob");
+    assert_app_connect_fails(&topo.client(1).ns, dest, "bob with the pool full");
+    let st = server.wait_status(Duration::from_secs(10), "bob refused as pool full", |st| {
+        st.counter("discard_pool_full") >= 1
+    });
+    assert_eq!(st.generated(), vec![outside], "bob got an address or alice lost hers:\n{}", st.raw);
+    assert_eq!(st.counter("xdp_map_entries"), 1, "{}", st.raw);
+    assert_eq!(st.counter("auth_granted"), 1, "{}", st.raw);
+    assert!(
+        server.log_text().contains("every address of the pool is taken"),
+        "no pool-full line in the server log:\n{}",
+        server.log_tail(20)
+    );
+    let bs = bob_d.status();
+    assert!(lease_line(&bob_d).is_none(), "bob holds a lease:\n{}", bs.raw);
+    assert!(
+        bs.counter("auth_refused") >= 1 && bs.counter("discard_auth_queue") >= 1,
+        "bob did not count the refusal and the packets it cost:\n{}",
+        bs.raw
+    );
+
+    let r = transfer_from(&topo.client(0).ns, dest, Transfer::new(2, MIB, MIB));
+    let conn = app.next(Duration::from_secs(30));
+    assert_transfer_ok(&r, &conn);
+    assert_eq!(conn.peer.ip(), IpAddr::V4(outside));
+    drop((alice_d, bob_d));
+}
+
+// ---------------------------------------------------------------- discards
+
+/// SPEC decision 7 seen from outside: with the XDP gate off (so every
+/// datagram reaches the daemon), datagrams that look like TCP segments but
+/// come from an (address, port) without an entry count as
+/// `discard_unauthenticated` at the server, and ones that cannot be a
+/// segment (too short, a data offset below 5) as `discard_malformed`, each
+/// exactly once, creating nothing; a datagram to the client from another
+/// source than its server's (address, endpoint port) counts as
+/// `discard_unauthenticated` at the client.
+/// The authenticated client's transfer afterwards is intact.
+#[test]
+fn unauthenticated_and_malformed_datagrams_are_counted() {
+    const PORT: u16 = 42700;
+    const APP: u16 = 5671;
+    let lab = Lab::new("adisc", PORT);
+    let alice = lab.creds.client("alice");
+    let mut sargs = vec!["--xdp-mode".to_string(), "off".to_string()];
+    sargs.extend(lab.creds.server_args());
+    let sargs: Vec<&str> = sargs.iter().map(String::as_str).collect();
+    let server = Daemon::spawn(
+        &lab.s().ns,
+        "adisc-server",
+        &daemon_args(&lab.tun, &lab.s().uplink, PORT, None, &sargs),
+    );
+    let client = Daemon::spawn(
+        &lab.c().ns,
+        "adisc-client",
+        &daemon_args(
+            "tun0",
+            &lab.c().uplink,
+            PORT,
+            Some(PORT),
+            &["--credential", alice.to_str().unwrap(), "--xdp-mode", "off"],
+        ),
+    );
+    let app = AppServer::start(&lab.s().ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+    let r = transfer_from(&lab.c().ns, lab.dest(APP), Transfer::new(1, MIB, MIB));
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+    // No tunnel traffic of its own from here on: the counters move only by
+    // what this test sends.
+    wait_tcp_quiet(&lab.c().ns, Duration::from_secs(10));
+    wait_tcp_quiet(&lab.s().ns, Duration::from_secs(10));
+
+    let seg = |doff: u8, len: usize| {
+        let mut p = vec![0u8; len];
+        if len >= 20 {
+            p[0..2].copy_from_slice(&5000u16.to_be_bytes());
+            p[2..4].copy_from_slice(&80u16.to_be_bytes());
+            p[12] = doff << 4;
+            p[13] = 0x10;
+        }
+        p
+    };
+    let b = server.status();
+    let dev = lab.c().uplink.clone();
+    let (src, to) = (SocketAddrV4::new(lab.c().addr, PORT + 7), SocketAddrV4::new(lab.s().addr, PORT));
+    in_netns(&lab.c().ns, move || {
+        let u = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        u.bind_device(Some(dev.as_bytes())).unwrap();
+        u.bind(&SockAddr::from(src)).unwrap();
+        // Well formed, from a port without an entry.
+        for _ in 0..5 {
+            u.send_to(&seg(5, 28), &SockAddr::from(to)).unwrap();
+        }
+        // Malformed: 10 bytes; data offset 4.
+        for p in [seg(5, 10), seg(5, 10), seg(5, 10), seg(4, 28), seg(4, 28)] {
+            u.send_to(&p, &SockAddr::from(to)).unwrap();
+        }
+    });
+    let st = server.wait_status(Duration::from_secs(10), "5 unauthenticated and 5 malformed", |st| {
+        st.counter("discard_unauthenticated") >= b.counter("discard_unauthenticated") + 5
+            && st.counter("discard_malformed") >= b.counter("discard_malformed") + 5
+    });
+    for k in ["discard_unauthenticated", "discard_malformed"] {
+        assert_eq!(st.counter(k), b.counter(k) + 5, "{k}:\n{}", st.raw);
+    }
+    for k in ["udp_rx_packets", "tun_tx_packets", "entries_created", "discard_pool_full"] {
+        assert_eq!(st.counter(k), b.counter(k), "{k} moved:\n{}", st.raw);
+    }
+    assert_eq!(st.peers.len(), 1, "{}", st.raw);
+
+    // To the client, from its server's address but another port.
+    let cb = client.status();
+    let dst = lab.client_src();
+    in_netns(&lab.s().ns, move || {
+        let u = std::net::UdpSocket::bind(("192.0.2.1", PORT + 9)).unwrap();
+        for _ in 0..3 {
+            u.send_to(&seg(5, 28), dst).unwrap();
+        }
+    });
+    let cs = client.wait_status(Duration::from_secs(10), "3 unauthenticated at the client", |st| {
+        st.counter("discard_unauthenticated") >= cb.counter("discard_unauthenticated") + 3
+    });
+    assert_eq!(cs.counter("discard_unauthenticated"), cb.counter("discard_unauthenticated") + 3, "{}", cs.raw);
+    assert_eq!(cs.counter("tun_tx_packets"), cb.counter("tun_tx_packets"), "{}", cs.raw);
+
+    let r = transfer_from(&lab.c().ns, lab.dest(APP), Transfer::new(2, MIB, MIB));
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+}
