@@ -463,6 +463,11 @@ struct WireStats {
     dropped: u64,
     duplicated: u64,
     oversize: u64,
+    /// UDP datagrams with a right checksum, without one, with a wrong one
+    /// (SPEC decision 5: every datagram carries a valid one).
+    udp_checksum_ok: u64,
+    udp_checksum_absent: u64,
+    udp_checksum_bad: u64,
 }
 
 /// Two bridging threads in the wire namespace; drop stops and joins them
@@ -553,33 +558,28 @@ fn packet_socket(ifname: &str) -> OwnedFd {
     }
 }
 
-/// The sending veth left the UDP checksum to the "hardware" (CHECKSUM_PARTIAL
-/// travels with the skb between veths, not through a packet socket): write it.
-fn fill_udp_checksum(f: &mut [u8]) {
+/// What the UDP checksum of an Ethernet frame says: None when the frame
+/// is not a whole IPv4 UDP datagram, else whether its checksum is present
+/// (not 0) and right for its pseudo-header. The hosts' uplinks have
+/// checksum offload off, so each sending kernel has finished the checksum
+/// before the frame reaches the wire (a veth with the offload on would hand
+/// it over unfinished, as CHECKSUM_PARTIAL, which a packet socket does not
+/// carry on).
+fn udp_checksum_ok(f: &[u8]) -> Option<(bool, bool)> {
     if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[23] != 17 {
-        return;
+        return None;
     }
     let ihl = usize::from(f[14] & 0x0f) * 4;
     let u = 14 + ihl;
-    let Some(udp_len) = f
-        .get(u + 4..u + 6)
-        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-    else {
-        return;
-    };
+    let udp_len = usize::from(u16::from_be_bytes(f.get(u + 4..u + 6)?.try_into().ok()?));
     if udp_len < 8 || u + udp_len > f.len() {
-        return;
+        return None;
     }
-    f[u + 6] = 0;
-    f[u + 7] = 0;
+    let present = f[u + 6..u + 8] != [0, 0];
     let mut acc = sum_words(&f[26..34], 0);
     acc += 17 + udp_len as u64;
     acc = sum_words(&f[u..u + udp_len], acc);
-    let c = match !fold(acc) {
-        0 => 0xffff,
-        c => c,
-    };
-    f[u + 6..u + 8].copy_from_slice(&c.to_be_bytes());
+    Some((present, fold(acc) == 0xffff))
 }
 
 fn bridge(
@@ -634,8 +634,13 @@ fn bridge(
         if pkttype == libc::PACKET_OUTGOING {
             continue; // our own sends out of this interface
         }
-        let mut f = buf[..n as usize].to_vec();
-        fill_udp_checksum(&mut f);
+        let f = buf[..n as usize].to_vec();
+        match udp_checksum_ok(&f) {
+            Some((false, _)) => st.udp_checksum_absent += 1,
+            Some((true, false)) => st.udp_checksum_bad += 1,
+            Some((true, true)) => st.udp_checksum_ok += 1,
+            None => {}
+        }
         st.frames += 1;
         if f.len() > 1514 {
             st.oversize += 1;
@@ -673,7 +678,9 @@ fn bridge(
 /// server 192.0.2.1/24 <-> [wire namespace] <-> client 192.0.2.2/24. The
 /// hosts' uplinks software-segment UDP GSO trains (tx-udp-segmentation off:
 /// the daemons still send trains, the kernel cuts them before the wire), so
-/// the wire sees one datagram per frame.
+/// the wire sees one datagram per frame, and checksum in software (tx off),
+/// so the wire sees each datagram's finished UDP checksum and forwards it
+/// as it came: the receiving kernel checks what the sending one wrote.
 fn faulty_topology(tag: &str, faults: Faults) -> (Topology, FaultyWire) {
     let s = Netns::new(&format!("{tag}-s"));
     let c = Netns::new(&format!("{tag}-c"));
@@ -684,7 +691,7 @@ fn faulty_topology(tag: &str, faults: Faults) -> (Topology, FaultyWire) {
     s.addr_add(&s_if, "192.0.2.1/24");
     c.addr_add(&c_if, "192.0.2.2/24");
     for (ns, i) in [(&s, &s_if), (&c, &c_if)] {
-        ns.run(&["ethtool", "-K", i, "tx-udp-segmentation", "off"]);
+        ns.run(&["ethtool", "-K", i, "tx", "off", "tx-udp-segmentation", "off"]);
     }
     for i in [&ws, &wc] {
         w.run(&["ethtool", "-K", i, "gro", "off"]);
@@ -751,6 +758,10 @@ fn faulty_wire_transfer(tag: &str, faults: Faults) {
             "{name}: the transfer did not cross the wire: {w:?}"
         );
         assert!(w.reordered > 0, "{name}: {w:?}");
+        assert!(
+            w.udp_checksum_ok > 10_000 && w.udp_checksum_absent == 0 && w.udp_checksum_bad == 0,
+            "{name}: datagrams on the wire without a right UDP checksum: {w:?}"
+        );
         assert!(faults.loss == 0 || w.dropped > 0, "{name}: {w:?}");
         assert!(faults.duplicate == 0 || w.duplicated > 0, "{name}: {w:?}");
     }

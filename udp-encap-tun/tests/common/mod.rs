@@ -911,6 +911,16 @@ pub struct Capture {
 impl Capture {
     /// Starts and waits until tcpdump says it is listening.
     pub fn start(ns: &Netns, iface: &str) -> Capture {
+        Capture::start_snaplen(ns, iface, 128)
+    }
+
+    /// The same with whole packets (what `tcpdump -vv` needs to verify
+    /// checksums).
+    pub fn start_full(ns: &Netns, iface: &str) -> Capture {
+        Capture::start_snaplen(ns, iface, 0)
+    }
+
+    fn start_snaplen(ns: &Netns, iface: &str, snaplen: u32) -> Capture {
         let dir = ArtifactDir::new(&format!("cap-{iface}"));
         let file = dir.file(&format!("{iface}.pcap"));
         let err = dir.file(&format!("{iface}.tcpdump.err"));
@@ -921,7 +931,7 @@ impl Capture {
                 "-ni",
                 iface,
                 "-s",
-                "128",
+                &snaplen.to_string(),
                 "-B",
                 "8192",
                 "--immediate-mode",
@@ -1010,8 +1020,12 @@ impl Capture {
     }
 
     fn read(&self, filter: &str) -> Option<String> {
+        self.read_with(&[], filter)
+    }
+
+    fn read_with(&self, flags: &[&str], filter: &str) -> Option<String> {
         let mut cmd = Command::new("tcpdump");
-        cmd.arg("-nn").arg("-r").arg(&self.file);
+        cmd.args(flags).arg("-nn").arg("-r").arg(&self.file);
         if !filter.is_empty() {
             cmd.arg(filter);
         }
@@ -1055,6 +1069,17 @@ impl Capture {
     /// (a pcap filter; "" = all, markers excluded).
     pub fn count(&mut self, filter: &str) -> usize {
         self.dump(filter, usize::MAX).lines().count()
+    }
+
+    /// Stops the capture (if running) and returns `tcpdump -vv`'s decoding
+    /// of the packets matching `filter` (markers excluded): it verifies the
+    /// IP, TCP and UDP checksums of whole packets (`[udp sum ok]`, `[bad udp
+    /// cksum ...]`, `[no cksum]`).
+    pub fn dump_verbose(&mut self, filter: &str) -> String {
+        self.stop();
+        let f = format!("({filter}) and not ({MARK_FILTER})");
+        self.read_with(&["-vv"], &f)
+            .unwrap_or_else(|| panic!("tcpdump -vv -r {} '{f}' failed", self.file.display()))
     }
 
     /// Stops the capture (if running) and returns the decoded packets
