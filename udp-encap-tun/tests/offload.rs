@@ -163,8 +163,11 @@ fn read_all(s: &mut TcpStream) -> io::Result<Vec<u8>> {
 // ---------------------------------------------------------------- 1. batching
 
 /// Offloads are on at both ends of the test topology, a bulk transfer goes
-/// out in GSO trains (more than 1.5 datagrams per sendmsg on each sending
-/// side) and arrives intact.
+/// out in GSO trains (sends that carry more than one datagram on each
+/// sending side) and arrives intact, and each TUN read leaves in exactly
+/// one sendmsg (the TUN's gso_max_segs cap). Functional checks only: how
+/// many datagrams a send carries depends on the kernel's TSO sizing, so on
+/// the machine's speed; `cargo xtask bench` reports those figures.
 #[test]
 fn offloads_on_and_bulk_transfer_is_batched() {
     const APP: u16 = 5601;
@@ -203,14 +206,18 @@ fn offloads_on_and_bulk_transfer_is_batched() {
             pkts > 10_000,
             "{name}: only {pkts} datagrams sent for 24 MiB"
         );
+        // Some send carried a train (the kernel's TSO hands over at least
+        // two segments per super-segment when data is queued, however
+        // slowly the machine runs).
         assert!(
-            pkts as f64 / calls.max(1) as f64 > 1.5,
+            pkts > calls,
             "{name}: no GSO batching: {pkts} datagrams in {calls} sendmsg calls\n{}",
             b.raw
         );
         // The daemon capped the TUN's super-segments at one GSO send (47
         // segments of at most 1380 bytes at MTU 1400): every read leaves in
-        // exactly one sendmsg, where 48-segment reads took two.
+        // exactly one sendmsg, where 48-segment reads took two. One read,
+        // one call, by construction: not a figure the machine's speed moves.
         assert_eq!(
             calls, reads,
             "{name}: {reads} TUN reads took {calls} sendmsg calls\n{}",
@@ -226,8 +233,11 @@ fn offloads_on_and_bulk_transfer_is_batched() {
 }
 
 /// Daemons that busy-poll (`--busy-poll 200`) carry 20 MiB each way intact
-/// and still sleep when the traffic stops: once idle, they use (almost) no
-/// CPU.
+/// and still sleep when the traffic stops: once idle, each is runnable
+/// (running or waiting for a CPU) for less than half of some second. That
+/// holds on a loaded machine too, where CPU time would not tell: a daemon
+/// that kept spinning would be runnable all the time, however little CPU it
+/// got. A condition with a deadline, not a CPU budget.
 #[test]
 fn busy_polling_daemons_carry_intact_data_and_go_idle() {
     const APP: u16 = 5607;
@@ -237,25 +247,39 @@ fn busy_polling_daemons_carry_intact_data_and_go_idle() {
         Daemon::spawn(ns, label, &args)
     });
     t.bulk(APP, 1, 20);
-    thread::sleep(Duration::from_millis(300));
     for (d, name) in [(&t.server, "server"), (&t.client, "client")] {
-        let before = cpu_ticks(d.pid());
-        thread::sleep(Duration::from_secs(1));
-        let used = cpu_ticks(d.pid()) - before;
-        // clock ticks are 10 ms: a daemon spinning on would use ~100 here
-        assert!(used < 30, "{name}: {used} ticks of CPU in an idle second with --busy-poll 200");
+        let mut seen = Vec::new();
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (a, t0) = (runnable_ns(d.pid()), Instant::now());
+            thread::sleep(Duration::from_secs(1));
+            let share = (runnable_ns(d.pid()) - a) as f64 / t0.elapsed().as_nanos() as f64;
+            seen.push(format!("{share:.2}"));
+            if share < 0.5 {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "{name} never went to sleep within 20 s after the traffic (--busy-poll 200): \
+                 runnable share per second {}",
+                seen.join(", ")
+            );
+        }
+        eprintln!("{name}: runnable share per idle second: {}", seen.join(", "));
         let st = d.status();
         assert_eq!(st.counter("discard_io_error"), 0, "{name}:\n{}", st.raw);
     }
 }
 
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // after `(comm)`: field 3 is index 0, so utime (14) and stime (15) are 11 and 12
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+/// Nanoseconds the threads of a process have been runnable: on a CPU or
+/// waiting for one (/proc/PID/task/*/schedstat, its first two fields).
+fn runnable_ns(pid: i32) -> u64 {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc/PID/task");
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .map(|s| s.split_whitespace().take(2).filter_map(|v| v.parse::<u64>().ok()).sum::<u64>())
+        .sum()
 }
 
 // ---------------------------------------------------------------- 2. flags
