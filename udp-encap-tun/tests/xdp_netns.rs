@@ -518,7 +518,7 @@ fn udp_socket(ns: &Netns, src: SocketAddrV4, dev: Option<&str>) -> UdpSocket {
 // ---------------------------------------------------------------- tests
 
 /// v1 (enforcement off), two clients behind a NAT: the gate is attached
-/// natively while the server runs, the `peers` map holds exactly the two
+/// (in generic mode: `auto` on a veth) while the server runs, the `peers` map holds exactly the two
 /// live peers during transfers (as `status` lists them), and nothing once
 /// they expire (--entry-timeout 2s). SIGTERM then removes program and pins.
 #[test]
