@@ -110,10 +110,6 @@ pub fn ci(args: &CiArgs) -> Result<()> {
         if summary.ok() {
             let vm_args = crate::vm::VmTestArgs {
                 tests: ["xdp_prog", "xdp_netns", "harness_selftest"].map(String::from).to_vec(),
-                // Its 2 s lease must lapse and renew on cue, which emulation
-                // is too slow for (seen failing on both kernels from timing);
-                // the kernel side of a kill -9 is xdp_prog's restart_after_kill_9.
-                skips: vec!["kill9_leaves_pins_and_restart_starts_fresh".into()],
                 ..Default::default()
             };
             summary.step("vm", || crate::vm::run(&vm_args));
