@@ -12,8 +12,11 @@ const ABOUT: &str = "Carries TCP over UDP through a TUN device.
 
 Every TCP segment the kernel routes into the TUN device travels to the peer as
 the payload of one UDP datagram (the IPv4 header is dropped and rebuilt on the
-other side: 8 bytes of overhead). An XDP program on the uplink drops datagrams
-from peers without an entry before they reach the socket.
+other side: 8 bytes of overhead). Peers authenticate over TLS first; an XDP
+program on the uplink then drops datagrams from peers without an entry before
+they reach the socket. With --insecure-no-auth (version 1) a datagram from a
+new peer is what creates its entry, so the XDP program lets it through and
+drops only datagrams that cannot carry a TCP segment.
 
 Two modes:
   server  (no --endpoint-port): every authenticated peer (address, UDP port)

@@ -809,7 +809,7 @@ fn restart_after_kill_9() {
     );
 
     in_netns(&lab.ns, || {
-        let gate = attach(&lab.a, 8, XdpMode::Generic, true);
+        let mut gate = attach(&lab.a, 8, XdpMode::Generic, true);
         assert_eq!(gate.pin_dir(), dir);
         assert_eq!(
             gate.peers().expect("peers"),
@@ -822,6 +822,29 @@ fn restart_after_kill_9() {
             "stale entry still lets the peer in"
         );
         // The pinned map is the new one: an entry made now shows through it.
+        // Another peer than the dead run's, so the stale map (which holds
+        // PEER) cannot pass for the new one: the pin shows the new entry
+        // (bpftool reads the pin, not the gate's handle), and the program
+        // attached now lets that peer in.
+        let fresh = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 8), 51001);
+        gate.allow(fresh).expect("allow a peer in the restarted gate");
+        let dump = Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(dir.join(PIN_PEERS))
+            .output()
+            .expect("run bpftool");
+        assert!(dump.status.success(), "bpftool: {}", String::from_utf8_lossy(&dump.stderr));
+        let text = String::from_utf8_lossy(&dump.stdout).to_lowercase();
+        // 198.51.100.8:51001 = c6 33 64 08 c7 39
+        assert!(
+            text.contains("c6 33 64 08 c7 39 00 00") && !text.contains("c6 33 64 07 c7 38"),
+            "the pinned peers map is not the restarted gate's (want only 198.51.100.8:51001):\n{text}"
+        );
+        assert_eq!(
+            run(&gate, &Dgram::new(fresh, PORT).frame()),
+            XDP_PASS,
+            "the entry made now does not reach the attached program"
+        );
         drop(gate);
         assert!(!dir.exists(), "pins left after a clean stop");
     });
