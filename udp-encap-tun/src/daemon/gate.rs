@@ -1,7 +1,7 @@
 //! The peer gate in front of the socket, as the core sees it
 //! ([`PeerGate`]): the XDP program and its map of allowed peers, or nothing.
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 
 use anyhow::Result;
 
@@ -9,7 +9,8 @@ use crate::cli::{RunArgs, XdpMode};
 use crate::core::{GateFull, PeerGate};
 use crate::edge::xdp::{XdpError, XdpGate};
 
-/// The peer gate in front of the socket: the XDP program, or nothing.
+/// The peer gate in front of the socket: the XDP program (or its TC
+/// classifier twin), or nothing.
 pub enum Gate {
     Off,
     Xdp(Box<XdpGate>),
@@ -42,7 +43,7 @@ impl PeerGate for Gate {
     fn allow(&mut self, peer: SocketAddrV4) -> Result<(), GateFull> {
         match self {
             Gate::Off => Ok(()),
-            Gate::Xdp(g) => g.allow(peer).map_err(|e| {
+            Gate::Xdp(g) => g.allow(SocketAddr::V4(peer)).map_err(|e| {
                 if !matches!(e, XdpError::MapFull { .. }) {
                     // Refuse rather than let store and map disagree.
                     log::error!("cannot add {peer} to the XDP map, refusing it: {e}");
@@ -54,7 +55,7 @@ impl PeerGate for Gate {
 
     fn revoke(&mut self, peer: SocketAddrV4) {
         if let Gate::Xdp(g) = self
-            && let Err(e) = g.revoke(peer)
+            && let Err(e) = g.revoke(SocketAddr::V4(peer))
         {
             log::error!("cannot remove {peer} from the XDP map: {e}");
         }
