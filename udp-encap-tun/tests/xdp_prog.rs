@@ -1867,6 +1867,20 @@ fn pins_are_per_namespace_and_go_away_on_drop() {
             gate.allow(peer()).expect("allow");
             gate.allow(peer6()).expect("allow IPv6");
             gate.allow_session(SESSION).expect("allow session");
+            // Shown with --nocapture: the dumps docs/xdp.md quotes.
+            for pin in [PIN_PEERS, PIN_SESSIONS] {
+                let path = dir.join(pin);
+                let out = Command::new("bpftool")
+                    .args(["map", "dump", "pinned"])
+                    .arg(&path)
+                    .output()
+                    .expect("run bpftool");
+                println!(
+                    "# bpftool map dump pinned {}\n{}",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
             let mut peers = bpftool_dump(&dir.join(PIN_PEERS));
             peers.sort();
             // 198.51.100.7:51000 = ::ffff:c633:6407, c7 38;
@@ -2019,5 +2033,61 @@ fn restart_after_kill_9() {
         // The pinned map is the new one: an entry made now shows through it.
         drop(gate);
         assert!(!dir.exists(), "pins left after a clean stop");
+    });
+}
+
+// ---------------------------------------------------------------- cost
+
+/// Not a test: a measurement (no timing assertions belong in tests). The
+/// kernel's own average time per run of the attached program
+/// (BPF_PROG_TEST_RUN with `repeat`), for the frames of the hot path, with
+/// forwarding off and on (on: the FIB lookup does a full route lookup
+/// instead of stopping at the interface's forwarding flag). Run with
+/// `cargo test -p udp-encap-tun --test xdp_prog -- --ignored --nocapture
+/// measure_program_cost`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn measure_program_cost() {
+    const REPEAT: u32 = 1_000_000;
+    let lab = lab("xdpcost");
+    in_netns(&lab.ns, || {
+        for mode in [XdpMode::Generic, XdpMode::Tc] {
+            let mut gate = attach(&lab.a, 1024, mode, true);
+            gate.allow(peer()).unwrap();
+            gate.allow(peer6()).unwrap();
+            let known4 = Dgram {
+                payload: tcp_segment(5, 1380),
+                ..Dgram::new(PEER, PORT)
+            };
+            let known6 = Dgram {
+                payload: tcp_segment(5, 1360),
+                ..Dgram::v6(peer6(), PORT)
+            };
+            let unknown4 = Dgram::new(SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 9), 1), PORT);
+            let other = Dgram::new(PEER, PORT + 1);
+            let cases: [(&str, Vec<u8>); 5] = [
+                ("IPv4 known peer, 1400 B", known4.frame()),
+                ("IPv4 known peer behind a priority tag", known4.tagged(&[(0x8100, 0)])),
+                ("IPv6 known peer, 1400 B", known6.frame()),
+                ("IPv4 unknown peer (drop)", unknown4.frame()),
+                ("IPv4 other port (untouched)", other.frame()),
+            ];
+            for forwarding in ["0", "1"] {
+                lab.ns.sysctl("net.ipv4.conf.all.forwarding", forwarding);
+                lab.ns.sysctl("net.ipv6.conf.all.forwarding", forwarding);
+                for (what, frame) in &cases {
+                    // Best of three: other load on the machine only adds.
+                    let best = (0..3)
+                        .map(|_| gate.test_run_repeat(frame, REPEAT).expect("test run").1)
+                        .min()
+                        .unwrap();
+                    println!(
+                        "cost {:7} forwarding {forwarding}: {:>5} ns/run  {what}",
+                        gate.mode(),
+                        best.as_nanos()
+                    );
+                }
+            }
+        }
     });
 }
