@@ -138,8 +138,10 @@ pub mod counter {
     /// Enforcement on and (saddr, sport) not in the peer map.
     pub const DROP_UNKNOWN_PEER: u32 = 7;
     /// A listen-port datagram (or an IPv6 packet whose header chain the
-    /// program does not walk to its end) not addressed to this host: routed
-    /// through it, passed untouched.
+    /// program does not walk to its end) that would have been dropped, but
+    /// is not addressed to this host (the kernel routes it on): passed
+    /// untouched. A routed datagram that passes anyway keeps its pass
+    /// counter: the FIB is asked only before a drop.
     pub const PASS_FORWARD: u32 = 8;
     /// A control datagram in its exact shape whose (saddr, sport) is in the
     /// peer map or whose session id is in the session map (or enforcement

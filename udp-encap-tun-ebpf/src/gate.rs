@@ -161,8 +161,20 @@ fn is_vlan(ethertype: [u8; 2]) -> bool {
     ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD
 }
 
+/// An IPv4 packet at `ip`. The FIB is asked only when the verdict is a
+/// drop: a datagram that passes anyway needs no answer, so the hot path (a
+/// known peer's segment) does not pay for the lookup.
 #[inline(always)]
 fn ipv4<P: Packet>(p: &P, ip: usize, cfg: &Config) -> Outcome {
+    let out = ipv4_verdict(p, ip, cfg);
+    if out.0 && !ipv4_for_this_host(p, ip) {
+        return pass(counter::PASS_FORWARD);
+    }
+    out
+}
+
+#[inline(always)]
+fn ipv4_verdict<P: Packet>(p: &P, ip: usize, cfg: &Config) -> Outcome {
     // Anything that is not a complete IPv4 header we can read passes: it
     // cannot be shown to be for the listen port, and the kernel's own IPv4
     // input drops what is broken.
@@ -171,7 +183,7 @@ fn ipv4<P: Packet>(p: &P, ip: usize, cfg: &Config) -> Outcome {
     };
     let [
         b0,
-        tos,
+        _,
         t0,
         t1,
         _,
@@ -186,10 +198,7 @@ fn ipv4<P: Packet>(p: &P, ip: usize, cfg: &Config) -> Outcome {
         s1,
         s2,
         s3,
-        d0,
-        d1,
-        d2,
-        d3,
+        ..,
     ] = h;
     if b0 >> 4 != 4 {
         return PASS_OTHER;
@@ -208,16 +217,12 @@ fn ipv4<P: Packet>(p: &P, ip: usize, cfg: &Config) -> Outcome {
     let Some([sp0, sp1, dp0, dp1, l0, l1, _, _]) = p.load::<UDP_HLEN>(udp) else {
         return PASS_OTHER;
     };
-    let (sport, dport) = ([sp0, sp1], [dp0, dp1]);
-    if dport != cfg.listen_port {
+    if [dp0, dp1] != cfg.listen_port {
         return PASS_OTHER;
     }
-    let (saddr, daddr) = ([s0, s1, s2, s3], [d0, d1, d2, d3]);
-    if !for_this_host_v4(p, saddr, daddr, sport, dport, tos) {
-        return pass(counter::PASS_FORWARD);
-    }
 
-    // From here on the datagram is for the listen port of this host.
+    // From here on the datagram is for the listen port; `ipv4` undoes every
+    // drop below for a datagram not addressed to this host.
     if frag & IP_MF != 0 {
         return drop(counter::DROP_FRAGMENT);
     }
@@ -229,7 +234,7 @@ fn ipv4<P: Packet>(p: &P, ip: usize, cfg: &Config) -> Outcome {
         return drop(counter::DROP_LENGTH);
     }
     let mut key = MaybeUninit::<PeerKey>::uninit();
-    let key = key_v4(&mut key, saddr, sport);
+    let key = key_v4(&mut key, [s0, s1, s2, s3], [sp0, sp1]);
     payload::<P, false>(p, udp + UDP_HLEN, udp_len - UDP_HLEN, Some(key), cfg)
 }
 
@@ -252,36 +257,39 @@ fn key_v4<'a>(slot: &'a mut MaybeUninit<PeerKey>, saddr: [u8; 4], sport: [u8; 2]
     }
 }
 
+/// An IPv6 packet at `ip`; as for IPv4, the FIB is asked only on a drop.
 #[inline(always)]
 fn ipv6<P: Packet>(p: &P, ip: usize, cfg: &Config) -> Outcome {
-    let Some(h) = p.load::<IPV6_HLEN>(ip) else {
-        return PASS_OTHER;
-    };
-    let [b0, b1, b2, b3, pl0, pl1, next, _, s @ ..] = h;
-    if b0 >> 4 != 6 {
-        return PASS_OTHER;
+    let (out, udp) = ipv6_verdict(p, ip, cfg);
+    if out.0 && !ipv6_for_this_host(p, ip, udp) {
+        return pass(counter::PASS_FORWARD);
     }
-    let (saddr, daddr) = split_addrs(s);
-    // Traffic class and flow label, for the FIB's policy rules.
-    let flowinfo = [b0 & 0x0f, b1, b2, b3];
+    out
+}
+
+/// The verdict, and the offset of the UDP header when the walk got there.
+#[inline(always)]
+fn ipv6_verdict<P: Packet>(p: &P, ip: usize, cfg: &Config) -> (Outcome, Option<usize>) {
+    let Some(h) = p.load::<IPV6_HLEN>(ip) else {
+        return (PASS_OTHER, None);
+    };
+    let [b0, _, _, _, pl0, pl1, next, _, s @ ..] = h;
+    if b0 >> 4 != 6 {
+        return (PASS_OTHER, None);
+    }
+    let (saddr, _) = split_addrs(s);
     let payload_len = usize::from(u16::from_be_bytes([pl0, pl1]));
 
     if !is_ext_header(next) {
         // The common case, no extension header: constant offsets, direct
         // packet access all the way.
         if next != IPPROTO_UDP {
-            return PASS_OTHER;
+            return (PASS_OTHER, None);
         }
-        return udp6::<P, false>(
-            p,
-            ip,
-            ip + IPV6_HLEN,
-            payload_len,
-            saddr,
-            daddr,
-            flowinfo,
-            false,
-            cfg,
+        let udp = ip + IPV6_HLEN;
+        return (
+            udp6::<P, false>(p, ip, udp, payload_len, saddr, false, cfg),
+            Some(udp),
         );
     }
 
@@ -293,18 +301,18 @@ fn ipv6<P: Packet>(p: &P, ip: usize, cfg: &Config) -> Outcome {
     for _ in 0..IPV6_MAX_EXT_HEADERS {
         if nh == NEXTHDR_FRAGMENT {
             let Some([n, _, o0, o1]) = p.load_var::<4>(off) else {
-                return PASS_OTHER;
+                return (PASS_OTHER, None);
             };
             if u16::from_be_bytes([o0, o1]) & IP6_OFFSET != 0 {
                 // A later fragment: what follows is data, not headers.
-                return pass(counter::PASS_FRAGMENT);
+                return (pass(counter::PASS_FRAGMENT), None);
             }
             fragment = true;
             nh = n;
             off += 8;
         } else if is_ext_header(nh) {
             let Some([n, l]) = p.load_var::<2>(off) else {
-                return PASS_OTHER;
+                return (PASS_OTHER, None);
             };
             // AH counts its length in 4-byte units minus 2 (RFC 4302), the
             // others in 8-byte units minus 1 (RFC 8200).
@@ -321,54 +329,36 @@ fn ipv6<P: Packet>(p: &P, ip: usize, cfg: &Config) -> Outcome {
     if is_ext_header(nh) {
         // Past the bound: the program cannot tell whether a UDP header for
         // the listen port follows, so for this host it is dropped (longer
-        // chains than RFC 8200 orders are no one's tunnel traffic), and
-        // routed traffic passes untouched.
-        return if for_this_host_v6(p, saddr, daddr, [0; 2], [0; 2], nh, flowinfo) {
-            drop(counter::DROP_EXT_HEADERS)
-        } else {
-            pass(counter::PASS_FORWARD)
-        };
+        // chains than RFC 8200 orders are no one's tunnel traffic); `ipv6`
+        // lets routed traffic pass untouched.
+        return (drop(counter::DROP_EXT_HEADERS), None);
     }
     if nh != IPPROTO_UDP {
-        return PASS_OTHER;
+        return (PASS_OTHER, None);
     }
-    udp6::<P, true>(
-        p,
-        ip,
-        off,
-        payload_len,
-        saddr,
-        daddr,
-        flowinfo,
-        fragment,
-        cfg,
+    (
+        udp6::<P, true>(p, ip, off, payload_len, saddr, fragment, cfg),
+        Some(off),
     )
 }
 
 /// An IPv6 UDP header at `udp`; `VAR`: its offset came from the extension
 /// header walk, read through the helper.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn udp6<P: Packet, const VAR: bool>(
     p: &P,
     ip: usize,
     udp: usize,
     payload_len: usize,
     saddr: [u8; 16],
-    daddr: [u8; 16],
-    flowinfo: [u8; 4],
     fragment: bool,
     cfg: &Config,
 ) -> Outcome {
     let Some([sp0, sp1, dp0, dp1, l0, l1, _, _]) = read::<P, VAR, UDP_HLEN>(p, udp) else {
         return PASS_OTHER;
     };
-    let (sport, dport) = ([sp0, sp1], [dp0, dp1]);
-    if dport != cfg.listen_port {
+    if [dp0, dp1] != cfg.listen_port {
         return PASS_OTHER;
-    }
-    if !for_this_host_v6(p, saddr, daddr, sport, dport, IPPROTO_UDP, flowinfo) {
-        return pass(counter::PASS_FORWARD);
     }
     // A tunnel peer never fragments, nor sends atomic fragments (RFC 8021).
     if fragment {
@@ -386,7 +376,7 @@ fn udp6<P: Packet, const VAR: bool>(
     }
     // An IPv4-mapped source (which Linux drops, RFC 4291 2.5.5.2) must not
     // match the key of the IPv4 peer it spells.
-    let key = PeerKey::new(saddr, sport);
+    let key = PeerKey::new(saddr, [sp0, sp1]);
     let key = (key.addr.first_chunk::<12>() != Some(&V4_MAPPED_PREFIX)).then_some(&key);
     payload::<P, VAR>(p, udp + UDP_HLEN, udp_len - UDP_HLEN, key, cfg)
 }
@@ -575,43 +565,77 @@ fn lookup<P: Packet>(p: &P, fill: impl FnOnce(&mut bpf_fib_lookup)) -> bool {
     for_this_host(p.fib_lookup(f))
 }
 
+/// Whether the IPv4 packet at `ip` is addressed to this host. Called on
+/// the drop path only, so it reads the header again rather than keep its
+/// fields alive on the hot path (in registers the helper call clobbers).
+/// Bytes it cannot read: for us (fail closed; the verdict read them).
 #[inline(always)]
-fn for_this_host_v4<P: Packet>(
-    p: &P,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: [u8; 2],
-    dport: [u8; 2],
-    tos: u8,
-) -> bool {
+fn ipv4_for_this_host<P: Packet>(p: &P, ip: usize) -> bool {
+    let Some(
+        [
+            b0,
+            tos,
+            _,
+            _,
+            _,
+            _,
+            _,
+            _,
+            _,
+            _,
+            _,
+            _,
+            s0,
+            s1,
+            s2,
+            s3,
+            d0,
+            d1,
+            d2,
+            d3,
+        ],
+    ) = p.load::<IPV4_MIN_HLEN>(ip)
+    else {
+        return true;
+    };
+    let udp = ip + usize::from(b0 & 0x0f) * 4;
+    let Some([sp0, sp1, dp0, dp1]) = p.load_var::<4>(udp) else {
+        return true;
+    };
     lookup(p, |f| {
         f.family = AF_INET;
         f.l4_protocol = IPPROTO_UDP;
         // Network byte order in the struct: the wire bytes, reinterpreted.
-        f.sport = u16::from_ne_bytes(sport);
-        f.dport = u16::from_ne_bytes(dport);
+        f.sport = u16::from_ne_bytes([sp0, sp1]);
+        f.dport = u16::from_ne_bytes([dp0, dp1]);
         f.__bindgen_anon_2.tos = tos;
-        f.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
-        f.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+        f.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([s0, s1, s2, s3]);
+        f.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([d0, d1, d2, d3]);
     })
 }
 
+/// Whether the IPv6 packet at `ip` (its UDP header at `udp`, if the walk got
+/// there) is addressed to this host; on the drop path only, as for IPv4.
 #[inline(always)]
-fn for_this_host_v6<P: Packet>(
-    p: &P,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-    sport: [u8; 2],
-    dport: [u8; 2],
-    proto: u8,
-    flowinfo: [u8; 4],
-) -> bool {
+fn ipv6_for_this_host<P: Packet>(p: &P, ip: usize, udp: Option<usize>) -> bool {
+    let Some(h) = p.load_var::<IPV6_HLEN>(ip) else {
+        return true;
+    };
+    let [b0, b1, b2, b3, _, _, _, _, s @ ..] = h;
+    let (saddr, daddr) = split_addrs(s);
+    let ports = match udp {
+        Some(off) => p.load_var::<4>(off),
+        None => None,
+    };
     lookup(p, |f| {
         f.family = AF_INET6;
-        f.l4_protocol = proto;
-        f.sport = u16::from_ne_bytes(sport);
-        f.dport = u16::from_ne_bytes(dport);
-        f.__bindgen_anon_2.flowinfo = u32::from_ne_bytes(flowinfo);
+        if let Some([sp0, sp1, dp0, dp1]) = ports {
+            f.l4_protocol = IPPROTO_UDP;
+            f.sport = u16::from_ne_bytes([sp0, sp1]);
+            f.dport = u16::from_ne_bytes([dp0, dp1]);
+        }
+        // Traffic class and flow label, for the FIB's policy rules.
+        f.__bindgen_anon_2.flowinfo = u32::from_ne_bytes([b0 & 0x0f, b1, b2, b3]);
         f.__bindgen_anon_3.ipv6_src = words(saddr);
         f.__bindgen_anon_4.ipv6_dst = words(daddr);
     })

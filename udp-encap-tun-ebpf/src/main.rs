@@ -3,19 +3,23 @@
 //!
 //! Runs on the uplink (`--bind-to-interface`). For every UDP datagram (IPv4
 //! or IPv6, untagged or behind up to two priority tags) to the listen port
-//! and addressed to this host it decides, in this order:
+//! it decides, in this order:
 //!
-//! 1. not addressed to this host (the FIB would route it on): pass untouched;
-//! 2. the first fragment of a fragmented datagram (IPv4 MF with offset 0, an
+//! 1. the first fragment of a fragmented datagram (IPv4 MF with offset 0, an
 //!    IPv6 Fragment header with offset 0): drop (a tunnel peer never
 //!    fragments, the daemon clamps the MSS so segments fit the path);
-//! 3. UDP length, IP length and frame length disagree: drop;
-//! 4. the payload cannot hold a TCP header (shorter than 20 bytes): drop;
-//! 5. a data offset below 5 words: a control datagram in its exact shape
+//! 2. UDP length, IP length and frame length disagree: drop;
+//! 3. the payload cannot hold a TCP header (shorter than 20 bytes): drop;
+//! 4. a data offset below 5 words: a control datagram in its exact shape
 //!    passes if its source or its session is known, every other one drops;
 //!    a data offset past the payload drops;
-//! 6. enforcement on and (saddr, sport) not in `UET_PEERS`: drop;
-//! 7. otherwise pass.
+//! 5. enforcement on and (saddr, sport) not in `UET_PEERS`: drop;
+//! 6. otherwise pass.
+//!
+//! A drop stands only for a datagram addressed to this host: before
+//! dropping, the program asks the FIB, and what the kernel would route on
+//! passes untouched (`xdp_pass_forward`). Passing needs no lookup, so the
+//! hot path does not pay for it.
 //!
 //! Everything else (other protocols, other ports, frames of VLAN devices,
 //! frames too short to say) passes untouched, and so do later fragments,
