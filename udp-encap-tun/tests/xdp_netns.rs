@@ -1564,7 +1564,7 @@ fn tc_classifier_gate_enforces_like_xdp() {
     assert!(!pins.exists(), "pins left after SIGTERM");
     let filters =
         s.ns.run(&["tc", "filter", "show", "dev", &s.uplink, "ingress"]);
-    let links = run_cmd(Command::new("bpftool").args(["link", "show"]));
+    let links = bpftool_links();
     assert!(
         !filters.contains(&format!(" id {prog} "))
             && !links.lines().any(|l| l.contains(&format!("prog {prog}"))),
@@ -1584,7 +1584,12 @@ fn tc_classifier_gate_enforces_like_xdp() {
 /// name the tcx type, but lists the link and its program).
 fn tc_prog_on(ns: &Netns, dev: &str, pins: &Path) -> Option<u32> {
     let config_id = map_id(&pins.join("config"))?;
-    let progs = run_cmd(Command::new("bpftool").args(["prog", "show", "name", "udp_encap_tc"]));
+    // bpftool fails when no program has that name at all.
+    let progs = Command::new("bpftool")
+        .args(["prog", "show", "name", "udp_encap_tc"])
+        .output()
+        .ok()?;
+    let progs = String::from_utf8_lossy(&progs.stdout);
     // "ID: sched_cls  name udp_encap_tc  tag ...\n\tloaded_at ... \n\t... map_ids 1,2,3,4"
     let mut id = None;
     let mut ours = None;
@@ -1598,7 +1603,7 @@ fn tc_prog_on(ns: &Netns, dev: &str, pins: &Path) -> Option<u32> {
     }
     let prog = ours?;
     let filters = ns.run(&["tc", "filter", "show", "dev", dev, "ingress"]);
-    let links = run_cmd(Command::new("bpftool").args(["link", "show"]));
+    let links = bpftool_links();
     let attached = filters.contains(&format!(" id {prog} "))
         || links.lines().any(|l| l.contains(&format!("prog {prog}")));
     attached.then_some(prog)
@@ -1613,4 +1618,20 @@ fn map_id(path: &Path) -> Option<u32> {
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split(':').next()?.trim().parse().ok()
+}
+
+/// `bpftool link show`. It exits 255 when a link goes away while it walks
+/// them (other tests' links come and go): retried until one walk completes.
+fn bpftool_links() -> String {
+    for _ in 0..20 {
+        let out = Command::new("bpftool")
+            .args(["link", "show"])
+            .output()
+            .expect("run bpftool");
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("bpftool link show kept failing");
 }
