@@ -99,10 +99,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
     pub pool: Option<Cidr>,
 
-    /// How the XDP gate attaches to the uplink: `auto` tries the driver's
-    /// native mode and falls back to generic (skb) mode, and takes generic on
-    /// a veth (native XDP there costs the peer its GSO); `off` runs without
-    /// the gate (the daemon still checks every datagram itself).
+    /// How the packet gate attaches to the uplink: `auto` tries the
+    /// driver's native XDP mode, then generic (skb) XDP, then a TC
+    /// classifier (clsact ingress) where XDP cannot attach, and takes generic
+    /// XDP on a veth (native XDP there costs the peer its GSO); `native`,
+    /// `generic` and `tc` force one; `off` runs without the gate (the daemon
+    /// still checks every datagram itself).
     #[arg(long, value_name = "MODE", value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
 
@@ -225,6 +227,9 @@ pub enum XdpMode {
     Auto,
     Native,
     Generic,
+    /// The same gate as a TC classifier at clsact ingress (for links where
+    /// XDP cannot attach, e.g. an interface another XDP program holds).
+    Tc,
     Off,
 }
 
