@@ -242,7 +242,7 @@ fn ipv4_verdict<P: Packet>(p: &P, ip: usize, cfg: &Config) -> Outcome {
 /// word stores: built field by field, its ten zero bytes become a call to a
 /// byte-by-byte memset loop, and a key moved into place a memcpy.
 #[inline(always)]
-fn key_v4<'a>(slot: &'a mut MaybeUninit<PeerKey>, saddr: [u8; 4], sport: [u8; 2]) -> &'a PeerKey {
+fn key_v4(slot: &mut MaybeUninit<PeerKey>, saddr: [u8; 4], sport: [u8; 2]) -> &PeerKey {
     let w = slot.as_mut_ptr().cast::<u32>();
     // SAFETY: PeerKey is 20 bytes aligned to 4: five u32 words, each written.
     unsafe {
@@ -543,7 +543,7 @@ fn for_this_host(rc: i64) -> bool {
 struct FibParams(bpf_fib_lookup);
 
 const FIB_WORDS: usize = core::mem::size_of::<FibParams>() / 8;
-const _: () = assert!(core::mem::size_of::<FibParams>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<FibParams>().is_multiple_of(8));
 
 /// Runs the FIB lookup on parameters `fill` sets on a zeroed struct
 /// (tot_len 0: no MTU check). Zeroed in place by volatile word stores: a

@@ -87,7 +87,7 @@ pub fn udp_encap_tc(ctx: TcContext) -> i32 {
     let (dropped, reason) = run(&Tc(&ctx));
     count(reason);
     if dropped {
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     } else {
         TC_ACT_UNSPEC
     }

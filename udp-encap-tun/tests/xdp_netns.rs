@@ -174,49 +174,13 @@ fn hex_bytes(text: &str) -> Vec<u8> {
         .collect()
 }
 
-/// `bpftool map dump pinned PATH` as (key bytes, value bytes) entries, with
-/// bpftool's element count checked. bpftool prints a short entry on one line
-/// (`key: .. value: ..`) and a long one over several, 16 bytes a line.
-fn map_dump(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let out = bpftool(&["map", "dump", "pinned"], path);
-    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let mut in_value = false;
-    let mut found = None;
-    let mut tokens = out.split_whitespace();
-    while let Some(t) = tokens.next() {
-        match t {
-            "key:" => {
-                entries.push((Vec::new(), Vec::new()));
-                in_value = false;
-            }
-            "value:" => in_value = true,
-            "Found" => found = tokens.next().and_then(|n| n.parse::<usize>().ok()),
-            "element" | "elements" => {}
-            hex => {
-                let b = u8::from_str_radix(hex, 16)
-                    .unwrap_or_else(|_| panic!("unexpected token `{hex}` in the dump:\n{out}"));
-                let e = entries
-                    .last_mut()
-                    .unwrap_or_else(|| panic!("bytes before any key:\n{out}"));
-                if in_value { e.1.push(b) } else { e.0.push(b) }
-            }
-        }
-    }
-    assert_eq!(
-        found,
-        Some(entries.len()),
-        "bpftool's element count:\n{out}"
-    );
-    entries
-}
-
 /// `bpftool map dump pinned DIR/peers`, decoded per docs/xdp.md: key =
 /// address (16 bytes, wire order; IPv4 as `::ffff:a.b.c.d`), port (2 bytes,
 /// big-endian), `00 00`; value = flags `01 00 00 00`. These tests' peers are
 /// IPv4; anything else panics.
 fn map_peers(pin_dir: &Path) -> BTreeSet<SocketAddrV4> {
     let mut peers = BTreeSet::new();
-    for (key, value) in map_dump(&pin_dir.join("peers")) {
+    for (key, value) in common::bpf::map_dump(&pin_dir.join("peers")) {
         assert!(
             key.len() == 20 && key[18..] == [0, 0] && key[..12] == V4_MAPPED,
             "bad key {key:02x?} (want ::ffff:IPv4, port, 00 00)"

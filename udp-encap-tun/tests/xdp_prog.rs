@@ -2056,7 +2056,8 @@ fn restart_after_kill_9() {
             .output()
             .expect("run bpftool");
         assert!(dump.status.success(), "bpftool: {}", String::from_utf8_lossy(&dump.stderr));
-        let text = String::from_utf8_lossy(&dump.stdout).to_lowercase();
+        // bpftool wraps a 20-byte key over two lines: join the tokens.
+        let text = String::from_utf8_lossy(&dump.stdout).to_lowercase().split_whitespace().collect::<Vec<_>>().join(" ");
         // 198.51.100.8:51001 = c6 33 64 08 c7 39
         assert!(
             text.contains("c6 33 64 08 c7 39 00 00") && !text.contains("c6 33 64 07 c7 38"),

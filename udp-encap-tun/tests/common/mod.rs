@@ -20,6 +20,7 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
+pub mod bpf;
 pub mod creds;
 pub mod paced;
 
