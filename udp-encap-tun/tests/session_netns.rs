@@ -112,6 +112,20 @@ fn wait_moving(server: &Daemon, from: u64, bytes: u64) {
     });
 }
 
+/// The peers in the server's pinned XDP map, as bpftool shows them.
+fn xdp_peers(server: &Daemon) -> std::collections::BTreeSet<std::net::SocketAddr> {
+    let st = server.status();
+    let pins = st
+        .raw
+        .lines()
+        .find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() == 4 && w[0] == "xdp" && w[2] == "pins").then(|| std::path::PathBuf::from(w[3]))
+        })
+        .unwrap_or_else(|| panic!("no `xdp MODE pins PATH` line:\n{}", st.raw));
+    common::bpf::map_peers(&pins)
+}
+
 /// The server's one entry: (peer, generated address).
 fn one_entry(server: &Daemon) -> (SocketAddrV4, Ipv4Addr) {
     let st = server.status();
@@ -171,6 +185,7 @@ fn nat_rebinding_mid_download_moves_the_session() {
     assert_eq!(addr2, addr, "the generated address changed");
     assert_eq!(*after.ip(), WAN);
     assert!((50000..=50999).contains(&after.port()), "the entry is not at the new mapping: {after}");
+    assert_eq!(xdp_peers(&server), [after.into()].into(), "the XDP map should hold the new mapping only");
     let st = server.status();
     assert!(st.counter("migrations") >= 1, "{}", st.raw);
     assert_eq!(st.counter("entries_created"), 1, "one session all along:\n{}", st.raw);
@@ -214,6 +229,7 @@ fn address_change_mid_download_moves_the_session() {
     let (after, addr2) = one_entry(&server);
     assert_eq!(after, SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 3), PORT));
     assert_eq!(addr2, addr, "the generated address changed");
+    assert_eq!(xdp_peers(&server), [after.into()].into(), "the XDP map should hold the new address only");
     assert!(server.counter("migrations") >= 1);
     let _ = client;
 }
@@ -287,6 +303,7 @@ fn server_restart_mid_download_resumes_the_session() {
     thread::sleep(Duration::from_secs(1));
     let server = lab.server("ssrv-server2", &[]);
     assert_eq!(one_entry(&server), (peer, addr), "the restarted server resumed another entry");
+    assert_eq!(xdp_peers(&server), [peer.into()].into(), "the XDP map was not refilled before traffic");
     assert_eq!(server.counter("sessions_resumed"), 1);
     dl.finish(&app, "through a server restart");
     assert_eq!(one_entry(&server), (peer, addr));
@@ -471,9 +488,12 @@ fn copies_replays_and_forgeries_from_elsewhere_move_nothing() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let att = attacker(lab.r(), SocketAddrV4::new(lab.s().addr, PORT), stop.clone());
     // Let copies and replays flow, then make the copy win the race once.
-    server.wait_status(Duration::from_secs(15), "the attacker's copies to be refused", |st| {
+    let st = server.wait_status(Duration::from_secs(15), "the attacker's copies to be refused", |st| {
         st.counter("discard_control") >= 4
     });
+    // Copies that arrive after their originals are replays: refused
+    // without a challenge (the one so far is the binding's).
+    assert_eq!(st.counter("challenges"), 1, "a copy was taken for fresh:\n{}", st.raw);
     let lan = &lab.r().lans[0];
     lab.r().ns.nft(&format!(
         "table ip uet_attack {{\n chain drop_keepalives {{\n  type filter hook forward priority 0;\n  \
@@ -490,6 +510,7 @@ fn copies_replays_and_forgeries_from_elsewhere_move_nothing() {
     assert!(a.copies >= 3 && a.replays >= 1, "the attacker had too little to work with: {a:?}");
 
     assert_eq!(one_entry(&server), (home, addr), "the session moved or changed its address");
+    assert_eq!(xdp_peers(&server), [home.into()].into(), "the attacker's address got into the XDP map");
     let st = server.status();
     assert_eq!(st.counter("migrations"), 0, "{}", st.raw);
     assert!(st.counter("discard_control") >= a.forged, "forgeries not all refused:\n{}", st.raw);
