@@ -2231,7 +2231,12 @@ fn restart_after_kill_9_tc() {
             filters()
         );
         assert_eq!(
-            filters().matches("udp_encap_tc").count(),
+            // One line per classifier: "... handle 0x9c40 udp_encap_tc
+            // direct-action not_in_hw id N name udp_encap_tc ...".
+            filters()
+                .lines()
+                .filter(|l| l.contains("udp_encap_tc"))
+                .count(),
             usize::from(netlink),
             "classifiers at ingress:\n{}",
             filters()
