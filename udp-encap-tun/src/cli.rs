@@ -224,12 +224,16 @@ pub struct RunArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpMode {
+    /// Native XDP, else generic XDP (generic on a veth), else the TC classifier.
     Auto,
+    /// XDP run by the driver; fails where the driver has none.
     Native,
+    /// XDP run by the kernel's receive path; works on every device.
     Generic,
     /// The same gate as a TC classifier at clsact ingress (for links where
     /// XDP cannot attach, e.g. an interface another XDP program holds).
     Tc,
+    /// No gate: the daemon checks every datagram itself.
     Off,
 }
 

@@ -146,7 +146,8 @@ pub enum XdpError {
     #[error(
         "attaching the XDP program to `{interface}` in {mode} mode failed{hint}; \
          another XDP program may be attached (`ip -d link show dev {interface}`, \
-         `bpftool net show dev {interface}`): try --xdp-mode generic or --xdp-mode off"
+         `bpftool net show dev {interface}`): try --xdp-mode tc (the same gate as a TC \
+         classifier, which can sit beside another program), generic, or off"
     )]
     Attach {
         interface: String,
