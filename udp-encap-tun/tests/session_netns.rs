@@ -116,7 +116,10 @@ fn wait_moving(server: &Daemon, from: u64, bytes: u64) {
 fn one_entry(server: &Daemon) -> (SocketAddrV4, Ipv4Addr) {
     let st = server.status();
     assert_eq!(st.peers.len(), 1, "the server should hold exactly one entry:\n{}", st.raw);
-    st.peers[0]
+    match st.peers[0] {
+        (std::net::SocketAddr::V4(peer), addr) => (peer, addr),
+        (peer, _) => panic!("an IPv6 peer {peer} in an IPv4 test:\n{}", st.raw),
+    }
 }
 
 /// A download of `total` bytes read at 64 KiB every `gap`, from the client

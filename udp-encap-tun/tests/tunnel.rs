@@ -117,11 +117,11 @@ fn nat_two_clients_same_port_concurrent_transfers() {
         "status entries do not match what the app saw:\n{}",
         st.raw
     );
-    let real: HashSet<SocketAddrV4> = st.peers.iter().map(|p| p.0).collect();
+    let real: HashSet<std::net::SocketAddr> = st.peers.iter().map(|p| p.0).collect();
     assert_eq!(real.len(), 2);
     assert!(
         real.iter()
-            .all(|r| *r.ip() == Ipv4Addr::new(203, 0, 113, 254)),
+            .all(|r| r.ip() == Ipv4Addr::new(203, 0, 113, 254)),
         "both peers should come from the router's address:\n{}",
         st.raw
     );
