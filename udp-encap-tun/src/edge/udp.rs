@@ -16,12 +16,14 @@ use crate::core::mtu::Families;
 const SOCKET_BUFFER: usize = 16 << 20;
 
 /// Opens the socket on `port`, bound to `uplink`, for `want`:
-/// - [`Families::Both`] (a server; a client with IPv4 and IPv6 servers):
-///   `[::]:PORT` with IPV6_V6ONLY off, IPv4 peers arriving IPv4-mapped;
-///   on a host without IPv6 (`ipv6.disable=1`) `0.0.0.0:PORT`, logged;
-/// - [`Families::V6`] (a client whose servers are all reached over IPv6):
-///   `[::]:PORT`, IPv6 only;
-/// - [`Families::V4`]: `0.0.0.0:PORT`.
+/// - `Both` (a server; a client with IPv4 and IPv6 servers): `[::]:PORT`
+///   with IPV6_V6ONLY off, IPv4 peers arriving IPv4-mapped; on a host
+///   without IPv6 (`ipv6.disable=1`) `0.0.0.0:PORT`, logged;
+/// - `V6` (a client whose servers are all reached over IPv6): `[::]:PORT`,
+///   IPv6 only;
+/// - `V4`: `0.0.0.0:PORT`.
+///
+/// ([`Families`].)
 ///
 /// Returns the socket and the families it carries.
 pub fn open(port: u16, uplink: &str, want: Families) -> Result<(UdpSocket, Families)> {

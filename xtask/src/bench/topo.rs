@@ -432,7 +432,7 @@ impl Topology {
             let mut cmd = self.nsenter(ns);
             cmd.arg(&self.bin)
                 .args(["--interface", tun, "--listen-port", &port, "--bind-to-interface", up])
-                .args(&endpoint[..n_endpoint])
+                .args(endpoint.get(..n_endpoint).unwrap_or_default())
                 .args(["--insecure-no-auth", "--xdp-mode", xdp_mode, "--busy-poll", &busy_poll]);
             println!(
                 "bench: ({role} ns) {}",
