@@ -146,3 +146,43 @@ NOP_MSS = segment(0x02, bytes([1, 2, 4, 5, 0xB4, 1, 1, 1]))
 write("wire_tun_packet", "regression_nop_mss_odd_offset.bin", packet(A, B, NOP_MSS, ident=1360))
 write("wire_segment", "regression_nop_mss_odd_offset.bin",
       prefix(1360, [198, 18, 0, 7], [198, 18, 0, 1], 1) + wire_seg(NOP_MSS))
+
+# session_control: ops of the target (tag byte % 9 and its fields).
+# 0 admit [id, resume flag, (resume id), client, src, counter:8]
+# 2 client datagram [id, key, kind (0 keepalive, 1 response), echo:8,
+#   counter skip, src, nonce:8, answer the challenge (bit 0)]
+# 3 heard [src]; 4 time [units of 100 ms]; 5 client grant [id, lease s,
+#   bound, counter:8]; 6 to the client [src sel, raw?, (bytes | id, kind,
+#   counter:8, echo:8)]; 8 client timers.
+def admit(ident, client=0, src=0, resume=None):
+    r = b"\x00" if resume is None else bytes([1, resume])
+    return bytes([0, ident]) + r + bytes([client, src]) + struct.pack("!Q", 1 << 20)
+
+
+def client_dgram(ident, src, kind=0, key=None, echo=0, skip=0, answer=1):
+    key = ident if key is None else key
+    return (bytes([2, ident, 1 if key == ident else 0, kind]) + struct.pack("!Q", echo)
+            + bytes([skip, src]) + struct.pack("!Q", 0xFEED) + bytes([answer]))
+
+
+# Bind a path, move it (NAT rebinding to an IPv6 source), replay, forge,
+# resume by a new session, and let it lapse.
+write("session_control", "bind_move_replay_resume.bin",
+      admit(0, src=0)
+      + client_dgram(0, src=0)
+      + bytes([3, 0]) + bytes([4, 10])
+      + client_dgram(0, src=4)
+      + client_dgram(0, src=4, skip=0x80, answer=0)
+      + client_dgram(0, src=1, key=9, answer=0)
+      + admit(1, src=0, resume=0)
+      + client_dgram(1, src=2)
+      + bytes([4, 250]) + bytes([4, 250]))
+# The client side: a lease, acks and challenges from the server and from
+# elsewhere, timers.
+write("session_control", "client_acks_challenges.bin",
+      bytes([5, 0, 30, 0]) + struct.pack("!Q", 1 << 20)
+      + bytes([8])
+      + bytes([6, 1, 1, 0, 1]) + struct.pack("!QQ", 5, 0x77)
+      + bytes([6, 1, 1, 0, 0]) + struct.pack("!QQ", 6, 1 << 20)
+      + bytes([6, 0, 0, 0]) + bytes([6, 1, 0, 48]) + b"\x01\x01" + b"\0" * 46
+      + bytes([4, 50]) + bytes([8]) + bytes([4, 255]) + bytes([8]))

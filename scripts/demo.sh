@@ -220,11 +220,12 @@ note "on a real network, copy demo-client.credential to the client over a channe
 step "3. Start the daemons (server: no --endpoint-port; client: --endpoint-port $PORT)"
 start_daemon server "$SRV" "$S_TUN" "$WORK/server.log" \
     --interface "$S_TUN" --listen-port "$PORT" --bind-to-interface "$S_UP" \
-    --cert "$CREDS/server.crt" --key "$CREDS/server.key" --clients "$CREDS/clients.txt"
+    --cert "$CREDS/server.crt" --key "$CREDS/server.key" --clients "$CREDS/clients.txt" \
+    --state-dir "$WORK/state"
 S_PID=$DAEMON_PID
 start_daemon client "$CLI" "$C_TUN" "$WORK/client.log" \
     --interface "$C_TUN" --listen-port "$PORT" --bind-to-interface "$C_UP" --endpoint-port "$PORT" \
-    --credential "$CREDS/demo-client.credential"
+    --credential "$CREDS/demo-client.credential" --state-dir "$WORK/state"
 C_PID=$DAEMON_PID
 
 step "4. $MIB MiB client -> server over TCP through the tunnel, sha256 checked; tcpdump watching"

@@ -3,12 +3,14 @@
 //! A hello that decodes must encode back to the same bytes; a reply must
 //! keep its meaning through encode and decode (a refusal's lease and address
 //! fields are defined as zero and ignored when they are not).
-#![no_main]
+// Under `cargo test` (udp-encap-tun/tests/fuzz_seeds.rs includes this file
+// and replays the committed seeds through `run`) there is no libFuzzer.
+#![cfg_attr(not(test), no_main)]
 
-use libfuzzer_sys::fuzz_target;
 use udp_encap_tun::auth::protocol::{Hello, REPLY_LEN, Reply};
 
-fuzz_target!(|data: &[u8]| {
+/// One input: what libFuzzer hands the target, or a committed seed.
+pub fn run(data: &[u8]) {
     if let Ok(hello) = Hello::decode(data) {
         let bytes = hello.encode().expect("a decoded hello encodes");
         assert_eq!(Some(bytes.as_slice()), data.get(..bytes.len()), "hello round trip");
@@ -19,4 +21,7 @@ fuzz_target!(|data: &[u8]| {
     {
         assert_eq!(Reply::decode(reply.encode()), Ok(reply), "reply round trip");
     }
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| run(data));

@@ -12,15 +12,20 @@
 //! Input format (so seeds can be written by hand, see fuzz/seeds):
 //! 4 setup bytes [flags, server gate capacity, client gate capacity, MTU
 //! selector], then operations, each a tag byte and its fields (`Op`).
-#![no_main]
+// Under `cargo test` (udp-encap-tun/tests/fuzz_seeds.rs includes this file
+// and replays the committed seeds through `run`) there is no libFuzzer.
+#![cfg_attr(not(test), no_main)]
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use libfuzzer_sys::fuzz_target;
-use udp_encap_tun::core::{Core, FromTun, FromTunSuper, GateFull, HEADROOM, PeerGate};
+use udp_encap_tun::core::endpoints::Endpoints;
+use udp_encap_tun::core::mtu::PathMtu;
+use udp_encap_tun::core::session::wire::{Control, EXPORTER_LEN, Kind};
+use udp_encap_tun::core::session::{KeyBytes, Keys, SessionId, client, server};
+use udp_encap_tun::core::{Core, Ended, FromTun, FromTunSuper, FromUdp, GateFull, HEADROOM, PeerGate};
 use udp_encap_tun::core::store::{ConnectionStore, Pool};
 use udp_encap_tun::core::wire;
 use udp_encap_tun_fuzz::{fill_tcp_checksum, ipv4_header_valid, tcp_checksum_valid};
@@ -30,23 +35,35 @@ const CLIENT_TUN: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 const ENDPOINT_PORT: u16 = 4500;
 const MAX_OPS: usize = 64;
 
-/// The XDP map, as a set with a capacity.
+/// The XDP maps, as sets with a capacity.
 struct FakeGate {
-    allowed: HashSet<SocketAddrV4>,
+    allowed: HashSet<SocketAddr>,
+    sessions: HashSet<SessionId>,
     capacity: usize,
 }
 
 impl PeerGate for FakeGate {
-    fn allow(&mut self, peer: SocketAddrV4) -> Result<(), GateFull> {
+    fn allow(&mut self, peer: SocketAddr) -> Result<(), GateFull> {
         if self.allowed.len() >= self.capacity && !self.allowed.contains(&peer) {
             return Err(GateFull);
         }
         self.allowed.insert(peer);
         Ok(())
     }
-    fn revoke(&mut self, peer: SocketAddrV4) {
+    fn revoke(&mut self, peer: SocketAddr) {
         self.allowed.remove(&peer);
     }
+    fn allow_session(&mut self, id: SessionId) -> Result<(), GateFull> {
+        self.sessions.insert(id);
+        Ok(())
+    }
+    fn revoke_session(&mut self, id: SessionId) {
+        self.sessions.remove(&id);
+    }
+}
+
+fn keys(n: u8) -> KeyBytes {
+    KeyBytes::from_exporter(&[n; EXPORTER_LEN])
 }
 
 /// Reads the input front to back; runs dry as zeros / empty.
@@ -72,16 +89,16 @@ impl Input<'_> {
         b.to_vec()
     }
     /// A peer of the server: one of 8 addresses, 4 ports.
-    fn client_peer(&mut self) -> SocketAddrV4 {
+    fn client_peer(&mut self) -> SocketAddr {
         let b = self.u8();
-        SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1 + (b & 7)), 1000 + u16::from(b >> 3 & 3))
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1 + (b & 7)), 1000 + u16::from(b >> 3 & 3)))
     }
     /// A source of datagrams to the client: one of 4 server addresses, on
     /// the endpoint port or another one.
-    fn server_peer(&mut self) -> SocketAddrV4 {
+    fn server_peer(&mut self) -> SocketAddr {
         let b = self.u8();
         let port = if b & 0x10 == 0 { ENDPOINT_PORT } else { 1000 + u16::from(b >> 5) };
-        SocketAddrV4::new(server_real(b), port)
+        SocketAddr::V4(SocketAddrV4::new(server_real(b), port))
     }
 }
 
@@ -130,7 +147,9 @@ struct World {
     sgate: FakeGate,
     cgate: FakeGate,
     now: Instant,
-    expired: Vec<udp_encap_tun::core::store::Entry>,
+    ended: Vec<Ended>,
+    /// The next counter of each session's client side.
+    counter: u64,
 }
 
 impl World {
@@ -138,29 +157,39 @@ impl World {
     /// leases and its gate hold the same servers.
     fn check(&self) {
         let store = self.server.store().expect("server core has a store");
-        let in_store: HashSet<SocketAddrV4> = store.entries().map(|e| e.peer).collect();
+        let in_store: HashSet<SocketAddr> = store.entries().filter_map(|e| e.peer).collect();
         assert_eq!(in_store, self.sgate.allowed, "server store and gate disagree");
-        assert_eq!(store.len(), in_store.len());
         for e in store.entries() {
-            assert_eq!(store.by_peer(e.peer), Some(e.addr));
-            assert_eq!(store.by_addr(e.addr), Some(e.peer));
+            if let Some(p) = e.peer {
+                assert_eq!(store.by_peer(p), Some(e.addr));
+            }
+            assert_eq!(store.by_addr(e.addr), e.peer);
             assert!(store.pool().contains(e.addr) && e.addr != SERVER_TUN, "{} outside the pool", e.addr);
         }
-        let leased: HashSet<SocketAddrV4> =
-            self.client.leases().iter().map(|(s, _)| SocketAddrV4::new(*s, ENDPOINT_PORT)).collect();
-        assert_eq!(leased, self.cgate.allowed, "client leases and gate disagree");
+        let sessions: HashSet<SessionId> = self.server.server_sessions().into_iter().flat_map(|s| s.iter().map(|x| x.id)).collect();
+        assert_eq!(sessions, self.sgate.sessions, "server sessions and gate disagree");
+        let leased: HashSet<SocketAddr> = self.client.client_sessions().into_iter().flat_map(|c| c.iter().map(|s| s.path)).collect();
+        assert_eq!(leased, self.cgate.allowed, "client sessions and gate disagree");
         assert!(self.client.store().is_none());
     }
 
-    /// from_udp on `core`, checking what it hands the TUN. Returns the packet.
-    fn from_udp(&mut self, to_server: bool, src: SocketAddrV4, payload: &[u8], len: usize) -> Option<Vec<u8>> {
+    /// Core::from_udp on `core`, checking what it hands the TUN. Returns the packet.
+    fn receive(&mut self, to_server: bool, src: SocketAddr, payload: &[u8], len: usize) -> Option<Vec<u8>> {
         let mut buf = datagram(payload);
         let (core, gate) = if to_server {
             (&mut self.server, &mut self.sgate)
         } else {
             (&mut self.client, &mut self.cgate)
         };
-        let r = core.from_udp(src, &mut buf, len, self.now, gate).ok()?;
+        let r = match core.from_udp(src, &mut buf, len, self.now, gate).ok()? {
+            FromUdp::Tun(r) => r,
+            FromUdp::Control => {
+                // A control datagram: its bytes go to the core's control path.
+                let payload = buf.get(HEADROOM..HEADROOM + len)?.to_vec();
+                let _ = core.control(src, &payload, self.now, gate, 7);
+                return None;
+            }
+        };
         assert_eq!(r, 0..HEADROOM + len, "from_udp's packet is not headroom + datagram");
         let pkt = &buf[r];
         let t = wire::parse_ipv4_tcp(pkt).expect("from_udp produced a packet parse_ipv4_tcp refuses");
@@ -169,7 +198,10 @@ impl World {
         assert_eq!(t.dst, core.tun_addr());
         let expect_src = match core.store() {
             Some(store) => store.by_peer(src).expect("from_udp accepted a peer without an entry"),
-            None => *src.ip(),
+            None => match src {
+                SocketAddr::V4(v4) => *v4.ip(),
+                SocketAddr::V6(_) => panic!("an IPv6 source accepted without a session"),
+            },
         };
         assert_eq!(t.src, expect_src);
         Some(pkt.to_vec())
@@ -177,15 +209,19 @@ impl World {
 
     /// accept_train on `core`: the accepted ranges are whole datagrams of
     /// the train in order, and the source is the peer's inner address.
-    fn accept_train(&mut self, to_server: bool, src: SocketAddrV4, mut train: Vec<u8>, stride: usize) {
+    fn accept_train(&mut self, to_server: bool, src: SocketAddr, mut train: Vec<u8>, stride: usize) {
         let (core, gate) = if to_server {
             (&mut self.server, &mut self.sgate)
         } else {
             (&mut self.client, &mut self.cgate)
         };
-        let mut accepted = Vec::new();
-        let inner = core.accept_train(src, &mut train, stride, self.now, gate, &mut accepted);
+        let (mut accepted, mut controls) = (Vec::new(), Vec::new());
+        let inner = core.accept_train(src, &mut train, stride, self.now, gate, &mut accepted, &mut controls);
         assert_eq!(inner.is_some(), !accepted.is_empty());
+        for r in &controls {
+            assert!(r.end <= train.len() && !accepted.contains(r), "a control range {r:?} overlaps");
+            let _ = core.control(src, &train[r.clone()], self.now, gate, 9);
+        }
         let mut prev_end = 0;
         for r in &accepted {
             assert!(r.start >= prev_end && r.end <= train.len() && r.start < r.end, "bad range {r:?}");
@@ -195,7 +231,10 @@ impl World {
         if let Some(inner) = inner {
             let expect = match core.store() {
                 Some(store) => store.by_peer(src).expect("accept_train accepted a peer without an entry"),
-                None => *src.ip(),
+                None => match src {
+                    SocketAddr::V4(v4) => *v4.ip(),
+                    SocketAddr::V6(_) => panic!("an IPv6 source accepted without a session"),
+                },
             };
             assert_eq!(inner, expect);
         }
@@ -261,28 +300,57 @@ impl World {
                         n => payload.len() + usize::from(n),
                     },
                 };
-                self.from_udp(to_server, src, &payload, len);
+                self.receive(to_server, src, &payload, len);
             }
-            // Authentication admits a peer.
+            // Authentication admits a session, which then proves `peer` as
+            // its path (keepalive, challenge, response), or does not.
             4 => {
                 let peer = inp.client_peer();
-                if let Ok(addr) = self.server.admit(peer, self.now, &mut self.sgate) {
-                    assert_eq!(self.server.store().and_then(|s| s.by_peer(peer)), Some(addr));
+                let id = SessionId([1 + (inp.u8() & 7); 8]);
+                let prove = inp.u8();
+                let a = server::Admit { seed: peer, client: "c", id, keys: keys(id.0[0]), resume: None, counter: 1 };
+                let Ok(adm) = self.server.admit(a, self.now, &mut self.sgate) else { return };
+                assert_eq!(self.server.store().and_then(|s| s.by_addr(adm.addr)), None, "a new session has no path");
+                if prove & 1 == 0 {
+                    return;
                 }
-                let _ = self.client.admit(peer, self.now, &mut self.cgate);
+                let k = Keys::new(keys(id.0[0]));
+                self.counter += 2;
+                let ka = Control { kind: Kind::Keepalive, session: id, counter: self.counter, echo: 0 }.encode(&k.client_to_server);
+                let nonce = u64::from(prove);
+                let Ok(done) = self.server.control(peer, &ka, self.now, &mut self.sgate, nonce) else { return };
+                assert!(done.reply.is_some(), "a fresh keepalive from a new path is challenged");
+                let resp = Control { kind: Kind::Response, session: id, counter: self.counter + 1, echo: nonce }.encode(&k.client_to_server);
+                if self.server.control(peer, &resp, self.now, &mut self.sgate, 0).is_ok_and(|d| d.changed) {
+                    assert_eq!(self.server.store().and_then(|s| s.by_peer(peer)), Some(adm.addr));
+                }
             }
             // Time passes, then both sides expire.
             5 => {
                 self.now += Duration::from_millis(u64::from(inp.u32()));
                 self.expire();
             }
-            // The client is granted a lease (lease_ms is 32 bits on the wire).
+            // The client is granted a lease (lease_ms is 32 bits on the
+            // wire), bound or not; its timers run.
             6 => {
-                let server = server_real(inp.u8());
+                let b = inp.u8();
+                let server = server_real(b);
                 let lease = Duration::from_millis(u64::from(inp.u32()));
-                let _ = self.client.grant_lease(server, lease, self.now, &mut self.cgate);
-                let _ = self.server.grant_lease(server, lease, self.now, &mut self.sgate);
-                let _ = self.client.leases_to_renew(self.now);
+                let Some(path) = self.client.path_for(server) else { return };
+                let id = SessionId([9 + (b & 3); 8]);
+                let g = client::Grant { server, path, lease, id, keys: keys(id.0[0]), bound: b & 4 != 0, counter: 1, started: self.now };
+                let _ = self.client.grant(g, self.now, &mut self.cgate);
+                let mut due = Vec::new();
+                self.client.client_due(self.now, &mut due);
+                // The server acks the first keepalive: the session is bound.
+                if let Some(client::Action::Send { to, bytes }) = due.first()
+                    && b & 8 != 0
+                    && let Some(c) = Control::parse(bytes)
+                {
+                    let ack = Control { kind: Kind::Ack, session: c.session, counter: 1 << 20, echo: c.counter }
+                        .encode(&Keys::new(keys(c.session.0[0])).server_to_client);
+                    let _ = self.client.control(*to, &ack, self.now, &mut self.cgate, 0);
+                }
             }
             // A packet from the client's TUN, carried to the server.
             7 => {
@@ -297,7 +365,7 @@ impl World {
                     .is_ok_and(|t| tcp_checksum_valid(t.src, t.dst, &pkt[t.segment.clone()]));
                 if let Ok(FromTun::Send { payload, .. }) = self.client.from_tun(&mut pkt, self.now) {
                     let seg = pkt[payload].to_vec();
-                    if let Some(out) = self.from_udp(true, peer, &seg, seg.len()) {
+                    if let Some(out) = self.receive(true, peer, &seg, seg.len()) {
                         let t = wire::parse_ipv4_tcp(&out).expect("checked in from_udp");
                         if valid {
                             assert!(
@@ -325,11 +393,11 @@ impl World {
                     .is_ok_and(|t| tcp_checksum_valid(t.src, t.dst, &pkt[t.segment.clone()]));
                 if let Ok(FromTun::Send { to, payload }) = self.server.from_tun(&mut pkt, self.now) {
                     if wire::parse_ipv4_tcp(&pkt).is_ok_and(|t| t.dst == entry.addr) {
-                        assert_eq!(to, entry.peer, "server sent a generated address's traffic to another peer");
+                        assert_eq!(Some(to), entry.peer, "server sent a generated address's traffic to another peer");
                     }
                     let seg = pkt[payload].to_vec();
-                    let from = SocketAddrV4::new(server_real(pick), ENDPOINT_PORT);
-                    if let Some(out) = self.from_udp(false, from, &seg, seg.len()) {
+                    let from = SocketAddr::V4(SocketAddrV4::new(server_real(pick), ENDPOINT_PORT));
+                    if let Some(out) = self.receive(false, from, &seg, seg.len()) {
                         let t = wire::parse_ipv4_tcp(&out).expect("checked in from_udp");
                         if valid {
                             assert!(
@@ -351,23 +419,25 @@ impl World {
     }
 
     fn expire(&mut self) {
-        self.expired.clear();
-        self.server.expire(self.now, &mut self.sgate, &mut self.expired);
+        self.ended.clear();
+        self.server.expire(self.now, &mut self.sgate, &mut self.ended);
         let store = self.server.store().expect("server core has a store");
-        for e in &self.expired {
-            assert!(store.by_peer(e.peer).is_none() && store.by_addr(e.addr).is_none());
-            assert!(self.now.duration_since(e.refreshed) >= store.timeout());
+        for e in &self.ended {
+            let Ended::Entry { entry, .. } = e else { panic!("a server ended a lease") };
+            assert!(entry.peer.is_none_or(|p| store.by_peer(p) != Some(entry.addr)) && store.get(entry.addr).is_none());
+            assert!(entry.deadline.is_some_and(|d| d <= self.now));
         }
         if let Some(next) = self.server.next_expiry() {
             assert!(next > self.now, "expire left an entry that is due");
         }
-        self.expired.clear();
-        self.client.expire(self.now, &mut self.cgate, &mut self.expired);
-        assert!(self.client.leases().iter().all(|(_, until)| *until > self.now));
+        self.ended.clear();
+        self.client.expire(self.now, &mut self.cgate, &mut self.ended);
+        assert!(self.client.client_sessions().into_iter().flat_map(|c| c.iter()).all(|s| s.until > self.now));
     }
 }
 
-fuzz_target!(|data: &[u8]| {
+/// One input: what libFuzzer hands the target, or a committed seed.
+pub fn run(data: &[u8]) {
     let mut inp = Input(data);
     let flags = inp.u8();
     let server_cap = usize::from(inp.u8() % 17);
@@ -377,16 +447,21 @@ fuzz_target!(|data: &[u8]| {
         1 => u16::MAX,
         m => 500 + u16::from(m) * 4,
     };
+    // The inner packet over IPv4 stays `mtu`, as the seeds were made for;
+    // paths over IPv6 get 20 bytes less (mtu.rs).
+    let mtu = PathMtu::new(u32::from(mtu), u32::from(mtu).saturating_add(8));
     let timeout = Duration::from_millis(1 + u64::from(flags >> 2) * 500);
     let pool = Pool::new(Ipv4Addr::new(198, 18, 0, 0), 28, &[SERVER_TUN]).expect("a /28 has room");
     let store = ConnectionStore::new(pool, timeout, 7);
+    let endpoints = Endpoints::new(ENDPOINT_PORT, &[], None);
     let mut w = World {
-        server: Core::new(SERVER_TUN, mtu, Core::server(store, flags & 1 != 0), Arc::default()),
-        client: Core::new(CLIENT_TUN, mtu, Core::client(ENDPOINT_PORT, flags & 2 != 0), Arc::default()),
-        sgate: FakeGate { allowed: HashSet::new(), capacity: server_cap },
-        cgate: FakeGate { allowed: HashSet::new(), capacity: client_cap },
+        server: Core::new(SERVER_TUN, mtu, Core::server(store, flags & 1 != 0, 4, Duration::from_secs(10)), Arc::default()),
+        client: Core::new(CLIENT_TUN, mtu, Core::client(endpoints, flags & 2 != 0, Duration::from_secs(4)), Arc::default()),
+        sgate: FakeGate { allowed: HashSet::new(), sessions: HashSet::new(), capacity: server_cap },
+        cgate: FakeGate { allowed: HashSet::new(), sessions: HashSet::new(), capacity: client_cap },
         now: Instant::now(),
-        expired: Vec::new(),
+        ended: Vec::new(),
+        counter: 0,
     };
     w.check();
     for _ in 0..MAX_OPS {
@@ -397,4 +472,7 @@ fuzz_target!(|data: &[u8]| {
         w.step(op, &mut inp);
         w.check();
     }
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| run(data));

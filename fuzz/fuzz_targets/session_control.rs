@@ -126,7 +126,7 @@ impl World {
     }
 
     /// A datagram of session `id`, from the client's side, well formed.
-    fn from_client(&mut self, id: SessionId, key: u8, kind: Kind, echo: u64, counter_skip: u8) -> [u8; LEN] {
+    fn client_datagram(&mut self, id: SessionId, key: u8, kind: Kind, echo: u64, counter_skip: u8) -> [u8; LEN] {
         let c = self.counters.entry(id).or_insert(0);
         *c = c.wrapping_add(1 + u64::from(counter_skip & 3)).min(u64::MAX - 8);
         let counter = if counter_skip & 0x80 != 0 { c.saturating_sub(2) } else { *c };
@@ -174,7 +174,7 @@ impl World {
                 let kind = if inp.u8() & 1 == 0 { Kind::Keepalive } else { Kind::Response };
                 let echo = inp.u64();
                 let skip = inp.u8();
-                let dgram = self.from_client(id, key, kind, echo, skip);
+                let dgram = self.client_datagram(id, key, kind, echo, skip);
                 let src = inp.src();
                 let peers_before = self.store.entries().filter_map(|e| e.peer).count();
                 let r = self.sessions.control(&mut self.store, &mut self.sgate, src, &dgram, self.now, inp.u64());
@@ -187,7 +187,7 @@ impl World {
                     && inp.u8() & 1 == 1
                     && let Some(ch) = Control::parse(&reply)
                 {
-                    let resp = self.from_client(id, key, Kind::Response, ch.echo, 0);
+                    let resp = self.client_datagram(id, key, Kind::Response, ch.echo, 0);
                     let _ = self.sessions.control(&mut self.store, &mut self.sgate, to, &resp, self.now, 0);
                 }
             }

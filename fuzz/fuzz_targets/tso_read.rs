@@ -5,17 +5,19 @@
 //! Input: 10 bytes of virtio-net header (host byte order, as the kernel
 //! writes it), then the packet's TCP part: header and payload (see
 //! fuzz/seeds/tso_read).
-#![no_main]
+// Under `cargo test` (udp-encap-tun/tests/fuzz_seeds.rs includes this file
+// and replays the committed seeds through `run`) there is no libFuzzer.
+#![cfg_attr(not(test), no_main)]
 
 use std::net::Ipv4Addr;
 
-use libfuzzer_sys::fuzz_target;
 use udp_encap_tun::core::tso::{self, MAX_TCP_HEADER, Read, VNET_HDR_LEN, VnetHdr};
 use udp_encap_tun_fuzz::tcp_checksum_valid;
 
 const ZERO: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
 
-fuzz_target!(|data: &[u8]| {
+/// One input: what libFuzzer hands the target, or a committed seed.
+pub fn run(data: &[u8]) {
     let Some((vnet, seg)) = data.split_at_checked(VNET_HDR_LEN) else {
         assert!(VnetHdr::parse(data).is_none());
         return;
@@ -48,4 +50,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| run(data));

@@ -3,18 +3,20 @@
 //!
 //! Input: 2 bytes MSS limit, 4 bytes source, 4 bytes destination, 2 bytes
 //! IPv4 id, then the payload (see fuzz/seeds/wire_segment).
-#![no_main]
+// Under `cargo test` (udp-encap-tun/tests/fuzz_seeds.rs includes this file
+// and replays the committed seeds through `run`) there is no libFuzzer.
+#![cfg_attr(not(test), no_main)]
 
 use std::net::Ipv4Addr;
 
-use libfuzzer_sys::fuzz_target;
 use udp_encap_tun::core::wire;
 use udp_encap_tun_fuzz::{check_clamp, ipv4_header_valid, residue};
 
 const ZERO: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
 const PREFIX: usize = 12;
 
-fuzz_target!(|data: &[u8]| {
+/// One input: what libFuzzer hands the target, or a committed seed.
+pub fn run(data: &[u8]) {
     let Some((head, payload)) = data.split_at_checked(PREFIX) else { return };
     let max_mss = u16::from_be_bytes([head[0], head[1]]);
     let src = Ipv4Addr::new(head[2], head[3], head[4], head[5]);
@@ -60,4 +62,7 @@ fuzz_target!(|data: &[u8]| {
     // A header buffer shorter than 20 bytes is refused, not indexed.
     let short = usize::from(id % 20);
     assert!(wire::write_ipv4_header(&mut vec![0; short], src, dst, payload.len(), id).is_none());
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| run(data));

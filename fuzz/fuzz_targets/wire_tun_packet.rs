@@ -4,17 +4,19 @@
 //!
 //! The MSS limit is taken from the IPv4 identification field (bytes 4..6),
 //! which the parser ignores, so one input is one packet.
-#![no_main]
+// Under `cargo test` (udp-encap-tun/tests/fuzz_seeds.rs includes this file
+// and replays the committed seeds through `run`) there is no libFuzzer.
+#![cfg_attr(not(test), no_main)]
 
 use std::net::Ipv4Addr;
 
-use libfuzzer_sys::fuzz_target;
 use udp_encap_tun::core::wire;
 use udp_encap_tun_fuzz::{TCP_CSUM, check_clamp, residue};
 
 const ZERO: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
 
-fuzz_target!(|data: &[u8]| {
+/// One input: what libFuzzer hands the target, or a committed seed.
+pub fn run(data: &[u8]) {
     let Ok(t) = wire::parse_ipv4_tcp(data) else { return };
 
     // The segment range lies inside the buffer, after a 20-byte header, and
@@ -57,4 +59,7 @@ fuzz_target!(|data: &[u8]| {
     // The same with the limit the daemon uses for a 1500-byte path.
     let mut clamped = seg.to_vec();
     check_clamp(&mut clamped, 1460, t.src, t.dst);
-});
+}
+
+#[cfg(not(test))]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| run(data));

@@ -1,41 +1,65 @@
-//! The XDP gate of udp-encap-tun.
+//! The packet gate of udp-encap-tun, as an XDP program and as a TC
+//! classifier (clsact ingress) for links where XDP cannot attach.
 //!
-//! Runs on the uplink (`--bind-to-interface`) before the kernel allocates an
-//! skb. For every IPv4 UDP datagram to the listen port it decides, in this
-//! order:
+//! Runs on the uplink (`--bind-to-interface`). For every UDP datagram (IPv4
+//! or IPv6, untagged or behind up to two priority tags) to the listen port
+//! it decides, in this order:
 //!
-//! 1. the first fragment of a fragmented datagram: drop (a tunnel peer never
+//! 1. the first fragment of a fragmented datagram (IPv4 MF with offset 0, an
+//!    IPv6 Fragment header with offset 0): drop (a tunnel peer never
 //!    fragments, the daemon clamps the MSS so segments fit the path);
-//! 2. UDP length, IPv4 total length and frame length disagree: drop;
-//! 3. the payload cannot hold a TCP header (shorter than 20 bytes, or a data
-//!    offset below 5 words or past the payload): drop;
-//! 4. enforcement on and (saddr, sport) not in `UET_PEERS`: drop;
-//! 5. otherwise pass.
+//! 2. UDP length, IP length and frame length disagree: drop;
+//! 3. the payload cannot hold a TCP header (shorter than 20 bytes): drop;
+//! 4. a data offset below 5 words: a control datagram in its exact shape
+//!    passes if its source or its session is known, every other one drops;
+//!    a data offset past the payload drops;
+//! 5. enforcement on and (saddr, sport) not in `UET_PEERS`: drop;
+//! 6. otherwise pass.
 //!
-//! Everything else (other protocols, other ports, VLAN-tagged frames, frames
-//! too short to say) passes untouched, and so do non-first fragments, which
-//! carry no UDP header to match (docs/xdp.md says why that is safe).
+//! A drop stands only for a datagram addressed to this host: before
+//! dropping, the program asks the FIB, and what the kernel would route on
+//! passes untouched (`xdp_pass_forward`). Passing needs no lookup, so the
+//! hot path does not pay for it.
 //!
-//! Every packet is counted under exactly one reason in the per-CPU array
-//! `UET_COUNTERS`. No logging on the packet path: it would cost more than the
-//! program itself.
+//! Everything else (other protocols, other ports, frames of VLAN devices,
+//! frames too short to say) passes untouched, and so do later fragments,
+//! which carry no UDP header to match (docs/xdp.md says why that is safe).
+//! An IPv6 header chain longer than the program walks is dropped when it is
+//! for this host (it could hide a listen-port datagram).
+//!
+//! Both entry points run the same code ([`gate::gate`]) on the same maps and
+//! count every packet under exactly one reason in the per-CPU array
+//! `UET_COUNTERS`. No logging on the packet path: it would cost more than
+//! the program itself.
 #![no_std]
 #![no_main]
 
+mod gate;
+
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup, xdp_action},
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup_helper, bpf_skb_load_bytes, bpf_xdp_load_bytes,
+    },
+    macros::{classifier, map, xdp},
     maps::{Array, HashMap, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
-use udp_encap_tun_common::{
-    Config, L2_ETHERNET, L2_NONE, PeerKey, PeerValue, TCP_MIN_HEADER, counter,
-};
+use udp_encap_tun_common::{Config, PeerKey, PeerValue, SessionKey, SessionValue, counter};
+
+use crate::gate::{Outcome, Packet};
 
 /// The allowed peers. Its size is set by the loader (`--xdp-map-size`);
 /// a plain (not LRU) hash, so a full map refuses new keys and never evicts.
 #[map(name = "UET_PEERS")]
 static UET_PEERS: HashMap<PeerKey, PeerValue> = HashMap::with_max_entries(65536, 0);
+
+/// The live sessions, by the 8 bytes of their id: a control datagram that
+/// names one passes from any source (the daemon checks its proof).
+#[map(name = "UET_SESSIONS")]
+static UET_SESSIONS: HashMap<SessionKey, SessionValue> = HashMap::with_max_entries(65536, 0);
 
 /// One [`Config`] record at index 0, written by the daemon.
 #[map(name = "UET_CONFIG")]
@@ -44,20 +68,38 @@ static UET_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "UET_COUNTERS")]
 static UET_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-const IPPROTO_UDP: u8 = 17;
-const IPV4_MIN_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-/// Flags and fragment offset (host order after `u16::from_be_bytes`).
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET: u16 = 0x1fff;
-
 #[xdp]
 pub fn udp_encap_tun(ctx: XdpContext) -> u32 {
-    let (action, reason) = gate(&ctx);
+    let (dropped, reason) = run(&Xdp(&ctx));
     count(reason);
-    action
+    if dropped {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// The same gate at clsact ingress. A pass is `TC_ACT_UNSPEC` (TCX_NEXT):
+/// the next classifier on the interface still runs, so other programs (and
+/// other instances on other ports) keep working beside this one.
+#[classifier]
+pub fn udp_encap_tc(ctx: TcContext) -> i32 {
+    let (dropped, reason) = run(&Tc(&ctx));
+    count(reason);
+    if dropped {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_UNSPEC
+    }
+}
+
+#[inline(always)]
+fn run<P: Packet>(p: &P) -> Outcome {
+    let Some(cfg) = UET_CONFIG.get(0) else {
+        return (false, counter::PASS_OTHER);
+    };
+    let cfg = *cfg;
+    gate::gate(p, &cfg)
 }
 
 #[inline(always)]
@@ -69,162 +111,126 @@ fn count(index: u32) {
     }
 }
 
-/// A pointer to `len` bytes at `offset` from the frame start, or `None` if
-/// they do not all lie inside the frame. The comparison against `data_end`
-/// is the one the verifier needs to see before any load.
+/// Reads `N` bytes into a buffer through a load-bytes helper `f(buf, len)`.
 #[inline(always)]
-fn bytes_at(ctx: &XdpContext, offset: usize, len: usize) -> Option<*const u8> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + len > end {
+fn via_helper<const N: usize>(
+    f: impl FnOnce(*mut core::ffi::c_void, u32) -> i64,
+) -> Option<[u8; N]> {
+    let mut buf = MaybeUninit::<[u8; N]>::uninit();
+    if f(buf.as_mut_ptr().cast(), N as u32) != 0 {
         return None;
     }
-    Some((start + offset) as *const u8)
+    // SAFETY: the helper returned 0, so it wrote all N bytes.
+    Some(unsafe { buf.assume_init() })
 }
 
-#[inline(always)]
-fn u8_at(ctx: &XdpContext, offset: usize) -> Option<u8> {
-    let p = bytes_at(ctx, offset, 1)?;
-    // SAFETY: bounds checked by bytes_at.
-    Some(unsafe { p.read() })
-}
+// ---------------------------------------------------------------- XDP
 
-/// Reads two bytes.
-///
-/// # Safety
-/// `p..p+2` must lie inside the frame (checked against `data_end`).
-#[inline(always)]
-unsafe fn read2(p: *const u8) -> [u8; 2] {
-    // SAFETY: the caller checked the bounds; [u8; 2] has alignment 1.
-    unsafe { (p as *const [u8; 2]).read() }
-}
+struct Xdp<'a>(&'a XdpContext);
 
-/// Reads four bytes.
-///
-/// # Safety
-/// `p..p+4` must lie inside the frame (checked against `data_end`).
-#[inline(always)]
-unsafe fn read4(p: *const u8) -> [u8; 4] {
-    // SAFETY: the caller checked the bounds; [u8; 4] has alignment 1.
-    unsafe { (p as *const [u8; 4]).read() }
-}
-
-/// The verdict and the counter it is counted under.
-#[inline(always)]
-fn gate(ctx: &XdpContext) -> (u32, u32) {
-    const PASS_OTHER: (u32, u32) = (xdp_action::XDP_PASS, counter::PASS_OTHER);
-    let Some(cfg) = UET_CONFIG.get(0) else {
-        return PASS_OTHER;
-    };
-    let cfg = *cfg;
-    if cfg.listen_port == [0, 0] {
-        return PASS_OTHER;
+impl Packet for Xdp<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.data_end().saturating_sub(self.0.data())
     }
-    // Two constant offsets rather than one variable one: the verifier then
-    // sees fixed packet offsets for the IPv4 header.
-    match cfg.l2_len {
-        L2_ETHERNET => {
-            // VLAN-tagged frames (0x8100/0x88a8) are for a VLAN device, not
-            // for this interface's socket: pass them with the rest.
-            let Some(eth) = bytes_at(ctx, 0, ETH_HLEN) else {
-                return PASS_OTHER;
-            };
-            // SAFETY: the 14 bytes at eth are inside the frame.
-            if unsafe { read2(eth.add(12)) } != ETH_P_IP {
-                return PASS_OTHER;
-            }
-            ipv4(ctx, ETH_HLEN, &cfg)
+
+    /// Direct packet access. The comparison against `data_end` is the one
+    /// the verifier needs to see before the load.
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let start = self.0.data();
+        if start + off + N > self.0.data_end() {
+            return None;
         }
-        L2_NONE => ipv4(ctx, 0, &cfg),
-        _ => PASS_OTHER,
-    }
-}
-
-#[inline(always)]
-fn ipv4(ctx: &XdpContext, ip: usize, cfg: &Config) -> (u32, u32) {
-    const PASS_OTHER: (u32, u32) = (xdp_action::XDP_PASS, counter::PASS_OTHER);
-    const fn drop(reason: u32) -> (u32, u32) {
-        (xdp_action::XDP_DROP, reason)
+        // SAFETY: the N bytes at start + off are inside the frame (checked
+        // just above); [u8; N] has alignment 1.
+        Some(unsafe { ((start + off) as *const [u8; N]).read() })
     }
 
-    // Anything that is not a complete IPv4 header we can read passes: it
-    // cannot be shown to be for the listen port, and the kernel's own IPv4
-    // input drops what is broken. One bounds check for the fixed header, then
-    // plain loads: a chain of Options here compiles into code the verifier
-    // rejects (pointer arithmetic on the "is some" flags).
-    let Some(iph) = bytes_at(ctx, ip, IPV4_MIN_HLEN) else {
-        return PASS_OTHER;
-    };
-    // SAFETY: the 20 bytes at iph are inside the frame.
-    let (b0, tot_len, frag, proto, saddr) = unsafe {
-        (
-            iph.read(),
-            read2(iph.add(2)),
-            read2(iph.add(6)),
-            iph.add(9).read(),
-            read4(iph.add(12)),
-        )
-    };
-    if b0 >> 4 != 4 {
-        return PASS_OTHER;
-    }
-    let ihl = usize::from(b0 & 0x0f) * 4;
-    if ihl < IPV4_MIN_HLEN {
-        return PASS_OTHER;
-    }
-    if proto != IPPROTO_UDP {
-        return PASS_OTHER;
-    }
-    let frag = u16::from_be_bytes(frag);
-    if frag & IP_OFFSET != 0 {
-        // A later fragment: no UDP header, the port is unknown.
-        return (xdp_action::XDP_PASS, counter::PASS_FRAGMENT);
+    #[inline(always)]
+    fn load_var<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let off = u32::try_from(off).ok()?;
+        // SAFETY: the helper checks offset and length against the frame and
+        // writes at most `len` bytes into the buffer it is given.
+        via_helper(|buf, len| unsafe { bpf_xdp_load_bytes(self.0.ctx, off, buf, len) })
     }
 
-    let udp = ip + ihl;
-    let Some(udph) = bytes_at(ctx, udp, UDP_HLEN) else {
-        return PASS_OTHER;
-    };
-    // SAFETY: the 8 bytes at udph are inside the frame.
-    let (sport, dport, udp_len) = unsafe { (read2(udph), read2(udph.add(2)), read2(udph.add(4))) };
-    if dport != cfg.listen_port {
-        return PASS_OTHER;
-    }
-
-    // From here on the datagram is for the listen port.
-    if frag & IP_MF != 0 {
-        return drop(counter::DROP_FRAGMENT);
-    }
-    let tot_len = usize::from(u16::from_be_bytes(tot_len));
-    let udp_len = usize::from(u16::from_be_bytes(udp_len));
-    let frame_len = ctx.data_end().saturating_sub(ctx.data());
-    // tot_len >= ihl + 8 first, so the subtraction below cannot wrap; the
-    // frame may be longer than the datagram (Ethernet padding), never shorter.
-    if tot_len < ihl + UDP_HLEN || ip + tot_len > frame_len || udp_len != tot_len - ihl {
-        return drop(counter::DROP_LENGTH);
-    }
-    let payload = udp_len - UDP_HLEN;
-    if payload < TCP_MIN_HEADER {
-        return drop(counter::DROP_SHORT);
-    }
-    let tcp = udp + UDP_HLEN;
-    // Byte 12 of the TCP header: data offset in its high nibble.
-    let Some(doff) = u8_at(ctx, tcp + 12) else {
-        // Unreachable after the length checks, but the verifier wants it.
-        return drop(counter::DROP_LENGTH);
-    };
-    let doff = usize::from(doff >> 4) * 4;
-    if doff < TCP_MIN_HEADER || doff > payload {
-        return drop(counter::DROP_TCP_OFFSET);
-    }
-
-    if cfg.enforce != 0 {
-        let key = PeerKey::new(saddr, sport);
-        if UET_PEERS.get_ptr(key).is_none() {
-            return drop(counter::DROP_UNKNOWN_PEER);
+    #[inline(always)]
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
+        // SAFETY: a valid context and a params struct of the size we pass.
+        unsafe {
+            fib_lookup_helper(
+                self.0.ctx.cast(),
+                params,
+                core::mem::size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
         }
     }
-    (xdp_action::XDP_PASS, counter::PASS)
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.0.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn stripped_vlan_tci(&self) -> Option<u16> {
+        None
+    }
+}
+
+// ---------------------------------------------------------------- TC
+
+struct Tc<'a>(&'a TcContext);
+
+impl Packet for Tc<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() as usize
+    }
+
+    /// Through `bpf_skb_load_bytes`, which also reads the paged part of a
+    /// non-linear skb (GRO merges datagrams into fragments): direct access
+    /// would only see the linear head.
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        self.load_var::<N>(off)
+    }
+
+    #[inline(always)]
+    fn load_var<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let off = u32::try_from(off).ok()?;
+        let skb = self.0.skb.skb;
+        // SAFETY: the helper checks offset and length against the skb and
+        // writes at most `len` bytes into the buffer it is given.
+        via_helper(|buf, len| unsafe { bpf_skb_load_bytes(skb.cast(), off, buf, len) })
+    }
+
+    #[inline(always)]
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
+        // SAFETY: a valid context and a params struct of the size we pass.
+        unsafe {
+            fib_lookup_helper(
+                self.0.skb.skb.cast(),
+                params,
+                core::mem::size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
+        }
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { (*self.0.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn stripped_vlan_tci(&self) -> Option<u16> {
+        let skb = self.0.skb.skb;
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { ((*skb).vlan_present != 0).then(|| (*skb).vlan_tci as u16) }
+    }
 }
 
 #[cfg(not(test))]

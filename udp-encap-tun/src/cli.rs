@@ -12,8 +12,11 @@ const ABOUT: &str = "Carries TCP over UDP through a TUN device.
 
 Every TCP segment the kernel routes into the TUN device travels to the peer as
 the payload of one UDP datagram (the IPv4 header is dropped and rebuilt on the
-other side: 8 bytes of overhead). An XDP program on the uplink drops datagrams
-from peers without an entry before they reach the socket.
+other side: 8 bytes of overhead). Peers authenticate over TLS first; an XDP
+program on the uplink then drops datagrams from peers without an entry before
+they reach the socket. With --insecure-no-auth (version 1) a datagram from a
+new peer is what creates its entry, so the XDP program lets it through and
+drops only datagrams that cannot carry a TCP segment.
 
 Two modes:
   server  (no --endpoint-port): every authenticated peer (address, UDP port)
@@ -96,10 +99,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
     pub pool: Option<Cidr>,
 
-    /// How the XDP gate attaches to the uplink: `auto` tries the driver's
-    /// native mode and falls back to generic (skb) mode, and takes generic on
-    /// a veth (native XDP there costs the peer its GSO); `off` runs without
-    /// the gate (the daemon still checks every datagram itself).
+    /// How the packet gate attaches to the uplink: `auto` tries the
+    /// driver's native XDP mode, then generic (skb) XDP, then a TC
+    /// classifier (clsact ingress) where XDP cannot attach, and takes generic
+    /// XDP on a veth (native XDP there costs the peer its GSO); `native`,
+    /// `generic` and `tc` force one; `off` runs without the gate (the daemon
+    /// still checks every datagram itself).
     #[arg(long, value_name = "MODE", value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,
 
@@ -223,6 +228,9 @@ pub enum XdpMode {
     Auto,
     Native,
     Generic,
+    /// The same gate as a TC classifier at clsact ingress (for links where
+    /// XDP cannot attach, e.g. an interface another XDP program holds).
+    Tc,
     Off,
 }
 

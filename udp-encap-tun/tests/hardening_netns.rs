@@ -152,21 +152,9 @@ fn xdp_pin_dir(st: &Status) -> PathBuf {
         .unwrap_or_else(|| panic!("no `xdp MODE pins PATH` line:\n{}", st.raw))
 }
 
-/// The peers in the pinned XDP map, as bpftool dumps them (hex key bytes).
-fn bpf_peer_keys(server: &Daemon) -> Vec<String> {
-    let pin = xdp_pin_dir(&server.status()).join("peers");
-    let out = run_cmd(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&pin));
-    out.lines()
-        .filter_map(|l| l.strip_prefix("key: "))
-        .map(|k| k.split("  value").next().unwrap_or(k).trim().to_string())
-        .collect()
-}
-
-/// bpftool's rendering of a peer key: address and port in network order.
-fn bpf_key(peer: SocketAddrV4) -> String {
-    let o = peer.ip().octets();
-    let p = peer.port().to_be_bytes();
-    format!("{:02x} {:02x} {:02x} {:02x} {:02x} {:02x} 00 00", o[0], o[1], o[2], o[3], p[0], p[1])
+/// The peers in the pinned XDP map, as bpftool dumps them.
+fn bpf_peers(server: &Daemon) -> Vec<SocketAddr> {
+    common::bpf::map_peers(&xdp_pin_dir(&server.status())).into_iter().collect()
 }
 
 // ---------------------------------------------------------------- paced downloads
@@ -410,11 +398,9 @@ fn revocation_takes_effect_although_another_client_authenticates_at_that_moment(
     let bob_peer = SocketAddrV4::new(bob_h.addr, PORT);
     let st = server.wait_status(Duration::from_secs(5), "two entries", |st| st.peers.len() == 2);
     let granted = st.counter("auth_granted");
-    let mut keys = bpf_peer_keys(&server);
-    keys.sort();
-    let mut want = vec![bpf_key(alice_peer), bpf_key(bob_peer)];
+    let mut want = vec![SocketAddr::V4(alice_peer), SocketAddr::V4(bob_peer)];
     want.sort();
-    assert_eq!(keys, want, "bpftool shows both peers");
+    assert_eq!(bpf_peers(&server), want, "bpftool shows both peers");
 
     // The revocation, and bob's hello right behind it.
     creds.revoke("alice");
@@ -443,7 +429,7 @@ fn revocation_takes_effect_although_another_client_authenticates_at_that_moment(
         if bob_first { "before alice's removal" } else { "after alice's removal" }
     );
     assert_eq!(entries_of(&st, bob_h.addr), 1, "bob lost his entry:\n{}", st.raw);
-    assert_eq!(bpf_peer_keys(&server), vec![bpf_key(bob_peer)], "bpftool still shows alice");
+    assert_eq!(bpf_peers(&server), vec![SocketAddr::V4(bob_peer)], "bpftool still shows alice");
     assert_eq!(st.counter("entries_expired"), 0, "an entry lapsed instead");
     assert!(server.log_text().contains("client alice revoked: entry"), "{}", server.log_tail(30));
     poke.join().unwrap();
@@ -710,7 +696,7 @@ fn a_client_list_rewritten_in_place_is_read_only_once_it_has_settled() {
         st.peers.is_empty() && st.counter("xdp_map_entries") == 0
     });
     eprintln!("an emptied list revoked everyone after {:?}", t0.elapsed());
-    assert!(bpf_peer_keys(&server).is_empty());
+    assert!(bpf_peers(&server).is_empty());
     let log = server.log_text();
     assert!(log.contains("client alice revoked") && log.contains("client bob revoked"), "{}", server.log_tail(30));
 }

@@ -11,13 +11,9 @@
 //! - IPv4 and IPv6 clients at once, each with its own generated address.
 //! - The MSS clamp per family, seen on the server's TUN.
 //!
-//! The XDP gate of this branch holds IPv4 peers only (daemon/gate.rs refuses
-//! IPv6 ones and logs it); branch `gate` teaches the program and its maps
-//! IPv6. Until it is merged, [`GATE_IPV6`] is false: the daemons that have
-//! IPv6 peers or servers run with `--xdp-mode off`, and the checks of the
-//! XDP map and of XDP's drops are replaced by the daemon's own (each test
-//! says so on stderr). At the merge, set it to true: the same tests then run
-//! with the gate on and check its map and counters as well.
+//! Every daemon runs with its XDP gate on (`--xdp-mode auto`): the map of
+//! allowed peers holds the IPv6 clients (read back with bpftool), and the
+//! gate drops an unknown IPv6 source before the daemon sees it.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -25,31 +21,18 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::creds::CredDir;
 use common::*;
 
-/// Whether the XDP gate knows IPv6 (branch `gate` merged). See the top.
-const GATE_IPV6: bool = false;
-
 const MIB: u64 = 1024 * 1024;
 const S4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const S6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
 const C4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 const C6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
-
-/// The XDP options of a daemon with IPv6 peers or servers.
-fn gate_args() -> Vec<&'static str> {
-    if GATE_IPV6 {
-        vec![]
-    } else {
-        eprintln!("GATE_IPV6 is false: the IPv6 daemons run with --xdp-mode off (branch gate not merged)");
-        vec!["--xdp-mode", "off"]
-    }
-}
 
 /// A TUN in `ns` without IPv6 of its own (no link-local, no MLD reports
 /// into the tunnel).
@@ -106,28 +89,9 @@ fn pin_dir(st: &Status) -> PathBuf {
         .unwrap_or_else(|| panic!("no `xdp MODE pins PATH` line:\n{}", st.raw))
 }
 
-/// The keys of the pinned `peers` map as (address, port), decoded from
-/// `bpftool -j` per the gate's layout: `addr[16] port[2] pad[2]`, network
-/// order, IPv4 stored IPv4-mapped.
+/// The peers in the pinned XDP map (`bpftool map dump`, common/bpf.rs).
 fn xdp_peers(st: &Status) -> Vec<SocketAddr> {
-    let pin = pin_dir(st).join("peers");
-    let out = run_cmd(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&pin));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("bpftool -j: {e}: {out}"));
-    let mut peers = Vec::new();
-    for e in v.as_array().unwrap() {
-        let key: Vec<u8> = e["key"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
-            .collect();
-        assert_eq!(key.len(), 20, "a peer key is 20 bytes: {out}");
-        assert_eq!(&key[18..], &[0, 0], "padding is zero: {out}");
-        let addr: [u8; 16] = key[..16].try_into().unwrap();
-        let ip = IpAddr::V6(Ipv6Addr::from(addr)).to_canonical();
-        peers.push(SocketAddr::new(ip, u16::from_be_bytes([key[16], key[17]])));
-    }
-    peers
+    common::bpf::map_peers(&pin_dir(st)).into_iter().collect()
 }
 
 /// A 20-byte TCP header, data offset 5, ACK: the shape of a tunnel segment.
@@ -181,20 +145,17 @@ impl TwoHosts {
 /// authentication (over IPv6); the server's entry names the client's IPv6
 /// address, and the application sees the generated address; GSO and GRO
 /// batch on both dual-stack sockets; a datagram from an unknown IPv6 source
-/// is dropped (by XDP with the gate branch, counted `xdp_drop_unknown_peer`;
-/// by the daemon before it, counted `discard_unauthenticated`).
+/// is dropped by XDP before the daemon sees it (`xdp_drop_unknown_peer`);
+/// the XDP map holds the client's IPv6 address.
 #[test]
 fn ipv6_only_client_reaches_dual_stack_server() {
     const PORT: u16 = 43610;
     const APP: u16 = 5611;
     let lab = TwoHosts::new("v6only");
     let alice = lab.creds.client("alice");
-    let gate = gate_args();
-    let srv = server(&lab.s, &lab.s_if, &lab.creds, PORT, "v6only-server", &gate);
+    let srv = server(&lab.s, &lab.s_if, &lab.creds, PORT, "v6only-server", &[]);
     let endpoint = format!("{S4}={S6}");
-    let mut extra = vec!["--endpoint-v6", endpoint.as_str()];
-    extra.extend(&gate);
-    let cli = client(&lab.c, &lab.c_if, &alice, PORT, "v6only-client", &extra);
+    let cli = client(&lab.c, &lab.c_if, &alice, PORT, "v6only-client", &["--endpoint-v6", endpoint.as_str()]);
     let mut cap = Capture::start(&lab.s, &lab.s_if);
 
     let app = AppServer::start(&lab.s, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
@@ -222,27 +183,18 @@ fn ipv6_only_client_reaches_dual_stack_server() {
     assert_batched("server", &s0, &s1);
     assert_batched("client", &c0, &c1);
 
-    if GATE_IPV6 {
-        assert_eq!(xdp_peers(&s1), vec![peer], "the XDP map holds the client's IPv6 address");
-    } else {
-        eprintln!("GATE_IPV6 is false: the XDP map's IPv6 key is not checked");
-    }
+    assert_eq!(xdp_peers(&s1), vec![peer], "the XDP map holds the client's IPv6 address");
 
     // An IPv6 source the server never authenticated.
     let stranger: Ipv6Addr = "2001:db8:1::99".parse().unwrap();
     lab.c.addr_add6(&lab.c_if, &format!("{stranger}/64"));
     let before = srv.status();
     send_from(&lab.c, SocketAddr::from((stranger, PORT + 1)), SocketAddr::from((S6, PORT)), 50);
-    if GATE_IPV6 {
-        let st = srv.wait_status(Duration::from_secs(5), "XDP drops the stranger", |st| {
-            delta(&before, st, "xdp_drop_unknown_peer") >= 50
-        });
-        assert_eq!(delta(&before, &st, "discard_unauthenticated"), 0, "it reached the daemon:\n{}", st.raw);
-    } else {
-        srv.wait_status(Duration::from_secs(5), "the daemon refuses the stranger", |st| {
-            delta(&before, st, "discard_unauthenticated") >= 50
-        });
-    }
+    let st = srv.wait_status(Duration::from_secs(5), "XDP drops the stranger", |st| {
+        delta(&before, st, "xdp_drop_unknown_peer") >= 50
+    });
+    assert_eq!(delta(&before, &st, "discard_unauthenticated"), 0, "it reached the daemon:\n{}", st.raw);
+    assert_eq!(delta(&before, &st, "udp_rx_packets"), 0, "it reached the daemon:\n{}", st.raw);
     let st = srv.status();
     assert_eq!(st.peers.len(), 1, "the stranger got an entry:\n{}", st.raw);
 
@@ -355,11 +307,8 @@ fn ipv6_only_client_reaches_ipv4_only_server_through_nat64() {
     let creds = CredDir::new(&art, "server");
     let alice = creds.client("alice");
 
-    // An IPv4-only server: its peers are IPv4, so its gate works as it is.
     let srv = server(&s, &s_if, &creds, PORT, "nat64-server", &[]);
-    let mut extra = vec!["--nat64-prefix", "2001:db8:64::/96"];
-    extra.extend(gate_args());
-    let cli = client(&c, &c_if, &alice, PORT, "nat64-client", &extra);
+    let cli = client(&c, &c_if, &alice, PORT, "nat64-client", &["--nat64-prefix", "2001:db8:64::/96"]);
     let mut cap = Capture::start(&c, &c_if);
 
     let app = AppServer::start(&s, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
@@ -434,15 +383,12 @@ impl MixedLan {
     }
 
     fn daemons(&self, tag: &str, port: u16) -> (Daemon, Daemon, Daemon) {
-        let gate = gate_args();
-        let srv = server(&self.s, &self.s_if, &self.creds, port, &format!("{tag}-server"), &gate);
+        let srv = server(&self.s, &self.s_if, &self.creds, port, &format!("{tag}-server"), &[]);
         let alice = self.creds.client("alice");
         let bob = self.creds.client("bob");
         let c4 = client(&self.c4, &self.c4_if, &alice, port, &format!("{tag}-c4"), &[]);
         let endpoint = format!("{S4}={S6}");
-        let mut extra = vec!["--endpoint-v6", endpoint.as_str()];
-        extra.extend(&gate);
-        let c6 = client(&self.c6, &self.c6_if, &bob, port, &format!("{tag}-c6"), &extra);
+        let c6 = client(&self.c6, &self.c6_if, &bob, port, &format!("{tag}-c6"), &["--endpoint-v6", endpoint.as_str()]);
         (srv, c4, c6)
     }
 }
@@ -450,7 +396,8 @@ impl MixedLan {
 /// One server serves an IPv4 and an IPv6 client at once: two entries, one
 /// keyed by 192.0.2.2:PORT and one by [2001:db8:1::2]:PORT, with two
 /// different generated addresses, and 8 MiB each way on both connections
-/// at the same time arrive intact, each from its own generated address.
+/// at the same time arrive intact, each from its own generated address; the
+/// XDP map holds both peers.
 #[test]
 fn ipv4_and_ipv6_clients_served_at_once() {
     const PORT: u16 = 43630;
@@ -476,13 +423,9 @@ fn ipv4_and_ipv6_clients_served_at_once() {
     assert_eq!(conns[&6].peer.ip(), IpAddr::V4(g6), "IPv6 client's connection");
     assert!(st.raw.contains(&format!("peer {C4}:{PORT} {g4} ")), "{}", st.raw);
     assert!(st.raw.contains(&format!("peer [{C6}]:{PORT} {g6} ")), "{}", st.raw);
-    if GATE_IPV6 {
-        let mut map = xdp_peers(&st);
-        map.sort();
-        let mut want = vec![SocketAddr::from((C4, PORT)), SocketAddr::from((C6, PORT))];
-        want.sort();
-        assert_eq!(map, want, "the XDP map holds both clients");
-    }
+    let mut want = vec![SocketAddr::from((C4, PORT)), SocketAddr::from((C6, PORT))];
+    want.sort();
+    assert_eq!(xdp_peers(&st), want, "the XDP map holds both clients");
 }
 
 /// The MSS options of the SYNs from `from` to `to` in tcpdump's lines

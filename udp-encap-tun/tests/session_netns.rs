@@ -693,3 +693,70 @@ fn two_uplinks_of_one_client_stay_two_sessions_through_a_rebinding() {
     assert_eq!(st.counter("migrations"), 1, "{}", st.raw);
     drop(daemons);
 }
+
+// ---------------------------------------------------------------- 10. authentication fan-out
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Any local program can route traffic into the client's TUN: 2000
+/// non-blocking connects to distinct addresses (a /21 routed into the TUN,
+/// nobody answering there) once made the client start as many
+/// authentications, 1795 descriptors. Now at most 8 run at once, at most
+/// 256 servers are tracked (the rest counted under `discard_auth_busy`),
+/// the daemon's descriptors stay bounded, and the live session with the
+/// real server keeps carrying data meanwhile.
+#[test]
+fn client_authentication_fan_out_is_bounded() {
+    const PORT: u16 = 43900;
+    const APP: u16 = 5791;
+    let topo = Topology::two_hosts("sfan");
+    let (s, c) = (&topo.server, topo.client(0));
+    s.add_server_tun();
+    c.add_client_tun(s.addr);
+    c.ns.ip(&["route", "add", "198.19.8.0/21", "dev", "tun0", "src", &CLIENT_TUN.to_string()]);
+    // The authentications' own connects go out of the uplink and vanish
+    // in the server's host (it does not forward): each waits its timeout.
+    c.ns.ip(&["route", "add", "default", "via", &s.addr.to_string()]);
+    let art = ArtifactDir::new("sfan-creds");
+    let creds = CredDir::new(&art, "server");
+    let alice = creds.client("alice");
+    let server = server_on(s, &creds, PORT, "sfan-server", &[]);
+    let client = client_on(c, PORT, "sfan-client", &alice, &[]);
+    let app = AppServer::start(&s.ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+    let dest = SocketAddrV4::new(s.addr, APP);
+    let r = transfer_from(&c.ns, dest, Transfer::new(100, MIB, MIB));
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+    let base = open_fds(client.pid());
+
+    // The flood, and a transfer with the real server under way through it.
+    let flood = spawn_in_netns(&c.ns, move || {
+        let mut socks = Vec::new();
+        for i in 0..2000u32 {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 8, 0)) + i);
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            sock.set_nonblocking(true).unwrap();
+            let _ = sock.connect(&SocketAddrV4::new(ip, 80).into());
+            socks.push(sock);
+        }
+        thread::sleep(Duration::from_secs(8));
+        socks.len()
+    });
+    let dl = start_download(&c.ns, dest, 101, 8 * MIB, Duration::from_millis(40));
+    let mut most = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(7) {
+        most = most.max(open_fds(client.pid()));
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(flood.join().unwrap(), 2000);
+    dl.finish(&app, "with a flood of authentications");
+    eprintln!("client descriptors: {base} before, at most {most} during the flood");
+    assert!(most <= base + 16, "the client held {most} descriptors ({base} before the flood)");
+    let cs = client.status();
+    assert!(cs.counter("discard_auth_busy") > 0, "{}", cs.raw);
+    assert!(cs.counter("auth_connect_error") + cs.counter("auth_timeout") >= 8, "{}", cs.raw);
+    assert_eq!(one_entry(&server).0, SocketAddrV4::new(c.addr, PORT));
+}

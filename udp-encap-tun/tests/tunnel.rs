@@ -485,3 +485,238 @@ fn client_routing_carries_tcp_as_udp_only() {
         assert!(st.success(), "{name} exited with {st} on SIGTERM");
     }
 }
+
+/// The MSS announced by each SYN that `tcpdump -r` printed (`mss N` in
+/// the options), in capture order.
+fn syn_mss(dump: &str) -> Vec<u16> {
+    dump.lines()
+        .filter_map(|l| {
+            let at = l.find("[mss ")? + 5;
+            let digits: String = l[at..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// SPEC decision 6 with a path where the MSS clamp must act both ways: the
+/// server's uplink has MTU 1300 (the client's 1500), both TUNs 1400. The
+/// server warns at start-up that its TUN MTU is more than the uplink's
+/// minus 8 (the client, whose TUN fits, does not) and clamps to
+/// 1300 - 8 - 40 = 1252: the client's SYN (1360, what the client's kernel
+/// and daemon allow) reaches the server's TCP as 1252 (wire to TUN), and the
+/// server kernel's SYN-ACK (1360) reaches the client's TCP as 1252 (TUN to
+/// wire); `mss_clamped` counts both. Then 4 MiB each way arrive intact in
+/// datagrams that fit the 1300-byte link unfragmented (a 1360-byte segment
+/// would not: the server's veth drops what exceeds its MTU).
+#[test]
+fn mss_clamp_fits_a_smaller_uplink_both_ways() {
+    const PORT: u16 = 40300;
+    const APP: u16 = 5601;
+    let topo = Topology::two_hosts("tmss");
+    let s = &topo.server;
+    let c = topo.client(0);
+    s.ns.ip(&["link", "set", &s.uplink, "mtu", "1300"]);
+    // The kernel cuts GSO trains before the wire (the daemons still send
+    // trains), so the capture sees each datagram at its real size.
+    for h in [s, c] {
+        h.ns.run(&["ethtool", "-K", &h.uplink, "tx-udp-segmentation", "off"]);
+    }
+    let tun = s.add_server_tun();
+    c.add_client_tun(s.addr);
+    let server = Daemon::spawn(
+        &s.ns,
+        "tmss-server",
+        &daemon_args(&tun, &s.uplink, PORT, None, V1),
+    );
+    let client = Daemon::spawn(
+        &c.ns,
+        "tmss-client",
+        &daemon_args("tun0", &c.uplink, PORT, Some(PORT), V1),
+    );
+    let warning = format!(
+        "the MTU of {tun} (1400) is more than the MTU of {} (1300) minus 8",
+        s.uplink
+    );
+    assert!(
+        server.log_text().contains(&warning),
+        "no start-up MTU warning in the server log (want `{warning}`):\n{}",
+        server.log_tail(20)
+    );
+    assert!(
+        !client.log_text().contains("is more than the MTU of"),
+        "the client warned about an MTU that fits:\n{}",
+        client.log_tail(20)
+    );
+    let max_mss = |d: &Daemon| {
+        let st = d.status();
+        st.raw
+            .lines()
+            .find_map(|l| l.strip_prefix("max_mss ")?.trim().parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("no max_mss in status:\n{}", st.raw))
+    };
+    assert_eq!(max_mss(&server), 1252, "server: min(1400, 1300 - 8) - 40");
+    assert_eq!(max_mss(&client), 1360, "client: min(1400, 1500 - 8) - 40");
+
+    // A first, small connection (its segments fit any path): the MSS that
+    // each end's TCP was told, seen on its TUN.
+    let mut s_tun = Capture::start(&s.ns, &tun);
+    let mut c_tun = Capture::start(&c.ns, "tun0");
+    let app = AppServer::start(&s.ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+    let dest = SocketAddrV4::new(s.addr, APP);
+    let r = transfer_from(&c.ns, dest, Transfer::new(1, 1000, 1000));
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+    // SYN (client to server) as the server's TCP got it from its TUN, and
+    // SYN-ACK (server to client) as the client's TCP got it from its TUN.
+    let syn_at_server = s_tun.dump(&format!("tcp dst port {APP} and tcp[13] & 0x12 == 0x02"), 20);
+    let synack_at_client = c_tun.dump(&format!("tcp src port {APP} and tcp[13] & 0x12 == 0x12"), 20);
+    eprintln!("server TUN, SYN:\n{syn_at_server}\nclient TUN, SYN-ACK:\n{synack_at_client}");
+    for (what, dump) in [
+        ("the SYN the server's TCP received (wire to TUN)", &syn_at_server),
+        ("the SYN-ACK the client's TCP received (TUN to wire)", &synack_at_client),
+    ] {
+        let mss = syn_mss(dump);
+        assert!(
+            !mss.is_empty() && mss.iter().all(|m| *m == 1252),
+            "{what} announced MSS {mss:?}, want 1252:\n{dump}"
+        );
+    }
+    let st = server.status();
+    assert!(
+        st.counter("mss_clamped") >= 2,
+        "the server clamped fewer than the SYN and the SYN-ACK:\n{}",
+        st.raw
+    );
+    let cs = client.status();
+    assert_eq!(
+        cs.counter("mss_clamped"),
+        0,
+        "the client clamped although its kernel's MSS fits its path:\n{}",
+        cs.raw
+    );
+
+    // Bulk: full-size segments. On the client's side of the link: its own
+    // datagrams before the server's veth could drop an oversized one, the
+    // server's after it. Without the clamp the transfer crawls rather than
+    // stops (what does not fit is lost, small segments get through): a
+    // deadline, not a hang.
+    let mut wire = Capture::start(&c.ns, &c.uplink);
+    let h = spawn_transfer(&c.ns, dest, Transfer::new(2, 4 * MIB, 4 * MIB));
+    let r = join_transfer(h, Duration::from_secs(60), "4 MiB each way over the 1300-byte link");
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+    let st = server.status();
+    assert_eq!(st.counter("discard_io_error"), 0, "{}", st.raw);
+    // Nothing on the link was fragmented or larger than the server's MTU
+    // (an Ethernet frame of at most 14 + 1300 bytes).
+    let big = wire.count("greater 1315");
+    let frags = wire.count("ip[6:2] & 0x3fff != 0");
+    let tunnel = wire.count(&format!("udp port {PORT}"));
+    assert!(tunnel > 3000, "only {tunnel} tunnel datagrams for 8 MiB");
+    assert_eq!(big, 0, "frames above the MTU:\n{}", wire.dump("greater 1315", 5));
+    assert_eq!(frags, 0, "IP fragments:\n{}", wire.dump("ip[6:2] & 0x3fff != 0", 5));
+}
+
+/// `Udp InCsumErrors` of a namespace (/proc/net/snmp): datagrams the
+/// kernel dropped for a bad checksum.
+fn udp_csum_errors(ns: &Netns) -> u64 {
+    let text = in_netns(ns, || std::fs::read_to_string("/proc/thread-self/net/snmp")).unwrap();
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp:")).collect();
+    let i = rows[0].split_whitespace().position(|w| w == "InCsumErrors").expect("InCsumErrors");
+    rows[1].split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// A UDP header (checksum over the IPv4 pseudo-header of `src` -> `dst`,
+/// plus `bad_by` on purpose) followed by `payload`.
+fn udp_datagram(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], bad_by: u16) -> Vec<u8> {
+    use udp_encap_tun::core::wire::{fold, sum_words};
+    let len = 8 + payload.len();
+    let mut d = Vec::with_capacity(len);
+    d.extend_from_slice(&src.port().to_be_bytes());
+    d.extend_from_slice(&dst.port().to_be_bytes());
+    d.extend_from_slice(&(len as u16).to_be_bytes());
+    d.extend_from_slice(&[0, 0]);
+    d.extend_from_slice(payload);
+    let mut acc = sum_words(&src.ip().octets(), 0);
+    acc = sum_words(&dst.ip().octets(), acc);
+    acc += 17 + len as u64;
+    let c = match !fold(sum_words(&d, acc)) {
+        0 => 0xffff,
+        c => c,
+    };
+    d[6..8].copy_from_slice(&c.wrapping_add(bad_by).to_be_bytes());
+    d
+}
+
+/// SPEC decision 5 on the wire. Set: with checksum offload off on both
+/// uplinks (so the sending kernel finishes each checksum before the capture
+/// sees the frame; a veth otherwise hands it on unfinished), `tcpdump -vv`
+/// finds every tunnel datagram of a 1 MiB exchange `[udp sum ok]`, none
+/// without a checksum or with a bad one. Verified: a wire-format SYN from a
+/// new port with a wrong UDP checksum is dropped by the server's kernel
+/// (`InCsumErrors`) and creates no entry; the same datagram with its right
+/// checksum does.
+#[test]
+fn udp_checksums_are_set_on_the_wire_and_verified() {
+    const PORT: u16 = 40400;
+    const APP: u16 = 5701;
+    let topo = Topology::two_hosts("tcks");
+    let s = &topo.server;
+    let c = topo.client(0);
+    for h in [s, c] {
+        h.ns.run(&["ethtool", "-K", &h.uplink, "tx", "off"]);
+    }
+    let tun = s.add_server_tun();
+    c.add_client_tun(s.addr);
+    let server = Daemon::spawn(&s.ns, "tcks-server", &daemon_args(&tun, &s.uplink, PORT, None, V1));
+    let _client = Daemon::spawn(&c.ns, "tcks-client", &daemon_args("tun0", &c.uplink, PORT, Some(PORT), V1));
+    let mut cap = Capture::start_full(&c.ns, &c.uplink);
+    let app = AppServer::start(&s.ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP));
+    let r = transfer_from(&c.ns, SocketAddrV4::new(s.addr, APP), Transfer::new(1, MIB, MIB));
+    assert_transfer_ok(&r, &app.next(Duration::from_secs(30)));
+    let dump = cap.dump_verbose(&format!("udp port {PORT}"));
+    let ok = dump.matches("[udp sum ok]").count();
+    let bad = dump.matches("bad udp cksum").count();
+    let none = dump.matches("[no cksum]").count();
+    eprintln!("tunnel datagrams on the wire: {ok} sum ok, {bad} bad, {none} without a checksum");
+    let example = |what: &str| {
+        dump.lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(ok > 500, "only {ok} datagrams with a verified UDP checksum for 2 MiB:\n{}", example(""));
+    assert_eq!(none, 0, "datagrams without a UDP checksum: {}", example("[no cksum]"));
+    assert_eq!(bad, 0, "datagrams with a bad UDP checksum: {}", example("bad udp cksum"));
+
+    // A SYN in the wire format: TCP checksum over the 0.0.0.0 pseudo-header.
+    let mut syn = vec![0u8; 20];
+    syn[0..2].copy_from_slice(&43001u16.to_be_bytes());
+    syn[2..4].copy_from_slice(&80u16.to_be_bytes());
+    syn[12] = 5 << 4;
+    syn[13] = 0x02;
+    syn[14..16].copy_from_slice(&1000u16.to_be_bytes());
+    let tc = udp_encap_tun::core::wire::tcp_checksum(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &syn);
+    syn[16..18].copy_from_slice(&tc.to_be_bytes());
+    let (src, dst) = (SocketAddrV4::new(c.addr, 43001), SocketAddrV4::new(s.addr, PORT));
+    let send = |bad_by: u16| {
+        let (dev, d) = (c.uplink.clone(), udp_datagram(src, dst, &syn, bad_by));
+        in_netns(&c.ns, move || {
+            use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+            // A raw UDP socket: the kernel adds the IPv4 header and leaves
+            // the UDP header, checksum included, as written.
+            let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP)).expect("raw UDP socket");
+            raw.bind_device(Some(dev.as_bytes())).unwrap();
+            raw.send_to(&d, &SockAddr::from(SocketAddrV4::new(*dst.ip(), 0))).expect("send raw datagram");
+        });
+    };
+    let has_peer = |st: &Status| st.peers.iter().any(|p| p.0 == SocketAddr::V4(src));
+    let errs = udp_csum_errors(&s.ns);
+    send(1);
+    wait_until(Duration::from_secs(10), "the server's kernel to drop the bad checksum", || {
+        udp_csum_errors(&s.ns) > errs
+    });
+    let st = server.status();
+    assert!(!has_peer(&st), "a datagram with a bad UDP checksum created an entry:\n{}", st.raw);
+    send(0);
+    server.wait_status(Duration::from_secs(10), "the same datagram, checksum right, to create an entry", has_peer);
+    assert_eq!(udp_csum_errors(&s.ns), errs + 1, "the good datagram was counted as a checksum error");
+}

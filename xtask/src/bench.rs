@@ -486,6 +486,7 @@ fn build_daemon(root: &Path) -> Result<PathBuf> {
             "udp-encap-tun",
             "--bin",
             "udp-encap-tun",
+            "--locked",
         ])
         .current_dir(root);
     deps::run(&mut build).context("bench: building the daemon failed")?;

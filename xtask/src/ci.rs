@@ -9,19 +9,35 @@
 //!    double the compile time on 2 cores;
 //! 3. `package`: `cargo xtask package` (the .deb the package test
 //!    installs; skipped when a test filter leaves that test out);
-//! 4. `tests`: `cargo test --workspace --no-fail-fast` (unit tests and the
-//!    namespace integration tests, which need root);
-//! 5. `clippy`: `cargo clippy --workspace --all-targets -- -D warnings`. It
-//!    is cheap (a metadata-only check build, measured at well under a minute
-//!    warm) and deterministic with the pinned toolchain; it runs after the
+//! 4. `tests`: every test binary that build made (unit tests, the namespace
+//!    integration tests, which need root, the fuzz seed replay), one after
+//!    the other as `cargo test --no-fail-fast` would run them, then the doc
+//!    tests; each under a time limit (`--timeout-min`, 10 minutes): a hang
+//!    is killed (its process group: the test binary and the daemons and
+//!    captures it started) and reported with the binary's name and the
+//!    tests that had not finished, instead of eating CI's 90 minutes;
+//! 5. `clippy`: `cargo clippy -- -D warnings` on the workspace (all
+//!    targets), on the fuzz crate (its own workspace, `fuzz/`; checked with
+//!    the workspace's target dir, whose dependencies it shares, and without
+//!    libFuzzer's C++ build, which a check does not need) and on the eBPF
+//!    crate (with the toolchain route that built it, whose `core` it
+//!    reuses). It is cheap (metadata-only check builds, well under a minute
+//!    warm) and deterministic with the pinned toolchains; it runs after the
 //!    tests so a lint never hides a test result.
+//!
+//! Every cargo command passes `--locked`: the committed lockfiles must be
+//! complete, on a developer's machine as in CI.
 //!
 //! `ci` is `deps` then `test`: the README's one command for a fresh machine,
 //! and what `.ci/run` calls, followed by the VM kernels (`vm::run`; `--no-vm`
 //! leaves them out).
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -29,14 +45,30 @@ use anyhow::{Context, Result, bail};
 use crate::deps::{self, fmt_duration, show};
 use crate::ebpf;
 
-#[derive(Default, clap::Args)]
+/// The longest test binary takes well under a minute on an idle 2-core
+/// machine (offload, auth_netns: about 35 s each); ten minutes leaves room
+/// for a loaded one and still stops a hang long before CI's 90.
+const DEFAULT_TIMEOUT_MIN: u64 = 10;
+
+#[derive(clap::Args)]
 pub struct TestArgs {
     /// Skip the clippy step.
     #[arg(long)]
     pub no_clippy: bool,
+    /// Time limit of one test binary, in minutes: one that runs longer is
+    /// killed and reported with the tests that had not finished.
+    #[arg(long, value_name = "MINUTES", default_value_t = DEFAULT_TIMEOUT_MIN,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_min: u64,
     /// Passed to `cargo test` after `--` (a test name filter, `--nocapture`, ...).
     #[arg(last = true)]
     pub test_args: Vec<String>,
+}
+
+impl Default for TestArgs {
+    fn default() -> TestArgs {
+        TestArgs { no_clippy: false, timeout_min: DEFAULT_TIMEOUT_MIN, test_args: Vec::new() }
+    }
 }
 
 /// `cargo xtask test`.
@@ -80,10 +112,6 @@ pub fn ci(args: &CiArgs) -> Result<()> {
         if summary.ok() {
             let vm_args = crate::vm::VmTestArgs {
                 tests: ["xdp_prog", "xdp_netns", "harness_selftest"].map(String::from).to_vec(),
-                // Its 2 s lease must lapse and renew on cue, which emulation
-                // is too slow for (seen failing on both kernels from timing);
-                // the kernel side of a kill -9 is xdp_prog's restart_after_kill_9.
-                skips: vec!["kill9_leaves_pins_and_restart_starts_fresh".into()],
                 ..Default::default()
             };
             summary.step("vm", || crate::vm::run(&vm_args));
@@ -174,11 +202,12 @@ fn run_test(args: &TestArgs, s: &mut Summary) -> Result<()> {
         "the test suite builds network namespaces, veth pairs, TUN devices and XDP programs",
     )?;
     let root = crate::workspace_root();
-    let locked = std::env::var_os("CI").is_some();
 
+    let mut route = None;
     let ebpf = || {
-        let obj = ebpf::build_ebpf()?;
+        let (obj, r) = ebpf::build_ebpf_route()?;
         println!("eBPF object: {}", obj.display());
+        route = Some(r);
         Ok(String::new())
     };
     if !s.step("ebpf", ebpf) {
@@ -187,10 +216,10 @@ fn run_test(args: &TestArgs, s: &mut Summary) -> Result<()> {
         }
         return Ok(());
     }
+    let mut bins = Vec::new();
     let built = s.step("build", || {
-        let mut c = cargo(&root, "test", locked);
-        c.args(["--workspace", "--no-run"]);
-        deps::run(&mut c).map(|()| String::new())
+        bins = build_tests(&root)?;
+        Ok(format!("{} test binaries", bins.len()))
     });
     // The package test (tests/package.rs) installs target/debian/*.deb: build
     // it first, unless a filter leaves that test out (a release build is
@@ -201,7 +230,8 @@ fn run_test(args: &TestArgs, s: &mut Summary) -> Result<()> {
         s.skip("package");
     }
     if built {
-        s.step("tests", || run_cargo_test(&root, locked, &args.test_args));
+        let limit = Duration::from_secs(args.timeout_min.saturating_mul(60));
+        s.step("tests", || run_tests(&root, &bins, &args.test_args, limit));
     } else {
         s.skip("tests");
     }
@@ -209,65 +239,288 @@ fn run_test(args: &TestArgs, s: &mut Summary) -> Result<()> {
         s.skip("clippy");
     } else {
         s.step("clippy", || {
-            let mut c = cargo(&root, "clippy", locked);
+            let mut c = cargo(&root, "clippy");
             c.args(["--workspace", "--all-targets", "--", "-D", "warnings"]);
-            deps::run(&mut c).map(|()| String::new())
+            deps::run(&mut c)?;
+            // The fuzz crate is a workspace of its own (it needs nightly
+            // and sanitizer flags to fuzz, not to be checked). The shared
+            // target dir gives it the workspace's checked dependencies;
+            // without its default feature libfuzzer-sys skips compiling
+            // libFuzzer's C++, which only the fuzzing binaries link.
+            let mut c = cargo(&root, "clippy");
+            c.args(["--manifest-path", "fuzz/Cargo.toml", "--all-targets", "--no-default-features"])
+                .arg("--target-dir")
+                .arg(target_dir(&root))
+                .args(["--", "-D", "warnings"]);
+            deps::run(&mut c)?;
+            if let Some(r) = route {
+                ebpf::clippy_ebpf(r)?;
+            }
+            Ok("workspace, fuzz, ebpf".to_string())
         });
     }
     Ok(())
 }
 
-fn cargo(root: &std::path::Path, sub: &str, locked: bool) -> Command {
+/// Every cargo command of the suite: `--locked`, so the committed
+/// Cargo.lock must be complete (in CI and on a developer's machine alike).
+fn cargo(root: &Path, sub: &str) -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.arg(sub).current_dir(root);
-    if locked {
-        // CI: the committed Cargo.lock must be complete.
-        c.arg("--locked");
-    }
+    c.arg(sub).arg("--locked").current_dir(root);
     c
 }
 
-/// `cargo test`, its output forwarded as it comes; returns "N passed, M
-/// ignored" or fails naming the failed tests.
-fn run_cargo_test(root: &std::path::Path, locked: bool, extra: &[String]) -> Result<String> {
-    let mut c = cargo(root, "test", locked);
-    c.args(["--workspace", "--no-fail-fast"]);
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+/// One test executable that `cargo test --no-run` built.
+struct TestBin {
+    /// What cargo calls it: `tests/offload.rs (udp-encap-tun)`.
+    name: String,
+    path: PathBuf,
+    /// Its package's directory: cargo runs tests from there.
+    dir: PathBuf,
+    package: String,
+}
+
+/// `cargo test --workspace --no-run`; returns the test executables in
+/// cargo's order.
+fn build_tests(root: &Path) -> Result<Vec<TestBin>> {
+    let mut c = cargo(root, "test");
+    c.args(["--workspace", "--no-run", "--message-format=json-render-diagnostics"]);
+    println!("+ {}", show(&c));
+    let out = c
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start `{}`", show(&c)))?;
+    if !out.status.success() {
+        bail!("`{}` failed ({}): see cargo's messages above", show(&c), out.status);
+    }
+    let mut bins = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let is_test = v.pointer("/profile/test").and_then(serde_json::Value::as_bool) == Some(true);
+        let (Some(exe), Some(manifest), Some(src)) = (
+            v.get("executable").and_then(serde_json::Value::as_str),
+            v.get("manifest_path").and_then(serde_json::Value::as_str),
+            v.pointer("/target/src_path").and_then(serde_json::Value::as_str),
+        ) else {
+            continue;
+        };
+        if v.get("reason").and_then(serde_json::Value::as_str) != Some("compiler-artifact") || !is_test {
+            continue;
+        }
+        let dir = Path::new(manifest).parent().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf());
+        let package = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let kind = v.pointer("/target/kind/0").and_then(serde_json::Value::as_str).unwrap_or("");
+        let rel = Path::new(src).strip_prefix(&dir).unwrap_or(Path::new(src)).display().to_string();
+        let name = if kind == "test" { format!("{rel} ({package})") } else { format!("unittests {rel} ({package})") };
+        bins.push(TestBin { name, path: exe.into(), dir, package });
+    }
+    if bins.is_empty() {
+        bail!("`{}` built no test executables", show(&c));
+    }
+    // cargo test's order: by package, unit tests before integration tests.
+    bins.sort_by(|a, b| (&a.package, !a.name.starts_with("unittests"), &a.name).cmp(&(&b.package, !b.name.starts_with("unittests"), &b.name)));
+    Ok(bins)
+}
+
+/// How one test binary ended.
+#[derive(Default)]
+struct BinOutcome {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    failures: Vec<String>,
+    /// Killed at the time limit: the tests that had not finished.
+    timed_out: Option<Vec<String>>,
+    success: bool,
+}
+
+/// Runs every test binary, then the doc tests, each under `limit`; returns
+/// "N passed, M ignored" or fails naming the failed (or hung) tests.
+fn run_tests(root: &Path, bins: &[TestBin], extra: &[String], limit: Duration) -> Result<String> {
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut problems = Vec::new();
+    let mut record = |what: &str, o: BinOutcome| {
+        passed += o.passed;
+        failed += o.failed;
+        ignored += o.ignored;
+        if let Some(left) = &o.timed_out {
+            problems.push(format!(
+                "{what} killed after {} (time limit, --timeout-min); unfinished: {}",
+                fmt_duration(limit),
+                if left.is_empty() { "?".to_string() } else { left.join(", ") }
+            ));
+        } else if !o.failures.is_empty() {
+            problems.push(format!("{what}: {}", o.failures.join(", ")));
+        } else if !o.success {
+            problems.push(format!("{what} failed without a test failing (a crash? see above)"));
+        }
+    };
+    for b in bins {
+        println!("\n     Running {} ({})", b.name, b.path.display());
+        let mut c = Command::new(&b.path);
+        c.args(extra)
+            .current_dir(&b.dir)
+            .env("CARGO_MANIFEST_DIR", &b.dir)
+            .env("CARGO_PKG_NAME", &b.package);
+        let expected = list_tests(&b.path, &b.dir, extra);
+        let o = run_limited(&mut c, expected, limit)?;
+        record(&b.name, o);
+    }
+    println!("\n   Doc-tests (workspace)");
+    let mut c = cargo(root, "test");
+    c.args(["--workspace", "--doc"]);
     if !extra.is_empty() {
         c.arg("--").args(extra);
     }
     println!("+ {}", show(&c));
+    let o = run_limited(&mut c, None, limit)?;
+    record("doc tests", o);
+    let counts = format!("{passed} passed, {failed} failed, {ignored} ignored");
+    if !problems.is_empty() {
+        bail!("{counts}; {}", problems.join("; "));
+    }
+    Ok(counts)
+}
+
+/// The tests a binary will run with these arguments (`--list`), or None
+/// if it cannot say.
+fn list_tests(exe: &Path, dir: &Path, extra: &[String]) -> Option<BTreeSet<String>> {
+    // Only the filters and the --ignored choice shape the list.
+    let keep: Vec<&String> = extra
+        .iter()
+        .filter(|a| !a.starts_with("--") || matches!(a.as_str(), "--ignored" | "--include-ignored" | "--exact"))
+        .collect();
+    let out = Command::new(exe)
+        .args(keep)
+        .args(["--list", "--format", "terse"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_suffix(": test"))
+            .map(str::to_string)
+            .collect()
+    })
+}
+
+/// Runs `c` in a process group of its own, its stdout forwarded line by
+/// line and read for libtest's results; kills the group at `limit`.
+fn run_limited(c: &mut Command, expected: Option<BTreeSet<String>>, limit: Duration) -> Result<BinOutcome> {
     let mut child = c
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .process_group(0)
         .spawn()
-        .with_context(|| format!("could not start `{}`", show(&c)))?;
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
-    let mut failures = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out).lines() {
-            let line = line.context("reading cargo test's output")?;
-            println!("{line}");
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                passed += count(rest, " passed");
-                failed += count(rest, " failed");
-                ignored += count(rest, " ignored");
-            } else if let Some(name) = line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... FAILED")) {
-                failures.push(name.to_string());
+        .with_context(|| format!("could not start `{}`", show(c)))?;
+    let out = child.stdout.take().context("test binary's stdout")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
             }
         }
-    }
-    let status = child.wait().context("waiting for cargo test")?;
-    let counts = format!("{passed} passed, {failed} failed, {ignored} ignored");
-    if !status.success() {
-        if passed + failed == 0 {
-            bail!("cargo test failed before any test ran (a compile error? see above)");
+    });
+    let deadline = Instant::now() + limit;
+    let mut o = BinOutcome::default();
+    let mut finished = BTreeSet::new();
+    // (passed, ignored) from the per-test lines, for a binary killed before
+    // its `test result:` line.
+    let mut seen = (0u64, 0u64);
+    let mut exited: Option<Instant> = None;
+    let status = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                println!("{line}");
+                if let Some(rest) = line.strip_prefix("test result: ") {
+                    o.passed += count(rest, " passed");
+                    o.failed += count(rest, " failed");
+                    o.ignored += count(rest, " ignored");
+                } else if let Some((name, verdict)) = line.strip_prefix("test ").and_then(|r| r.split_once(" ... ")) {
+                    finished.insert(name.to_string());
+                    match verdict.split_whitespace().next() {
+                        Some("FAILED") => o.failures.push(name.to_string()),
+                        Some("ok") => seen.0 += 1,
+                        Some("ignored" | "ignored,") => seen.1 += 1,
+                        _ => {}
+                    }
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break child.wait().context("waiting for a test binary")?;
+            }
         }
-        if failures.is_empty() {
-            bail!("cargo test {status} ({counts})");
+        // The binary may have exited while something it started still holds
+        // the pipe: wait a little for its last lines, not forever.
+        if let Some(st) = child.try_wait().context("waiting for a test binary")? {
+            match exited {
+                Some(t) if t.elapsed() > Duration::from_secs(2) => break st,
+                Some(_) => {}
+                None => exited = Some(Instant::now()),
+            }
+            continue;
         }
-        bail!("{counts}: {}", failures.join(", "));
+        if Instant::now() >= deadline {
+            let pgid = i32::try_from(child.id()).unwrap_or(0);
+            if pgid > 0 {
+                // SAFETY: kill(2) on the process group this function created
+                // for its own child (process_group(0) above), by its id.
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            }
+            let left: Vec<String> = expected
+                .as_ref()
+                .map(|all| all.difference(&finished).cloned().collect())
+                .unwrap_or_default();
+            eprintln!(
+                "\ntime limit: `{}` still running after {}, killed (its process group); \
+                 tests not finished: {}; a killed test cannot run its guards (namespaces, pins)",
+                show(c),
+                fmt_duration(limit),
+                if left.is_empty() { "?".to_string() } else { left.join(", ") }
+            );
+            let pid = format!("{pgid:x}");
+            let left_ns: Vec<String> = Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|n| {
+                    n.starts_with("uet-")
+                        && n.rsplit('-').next().and_then(|id| id.strip_prefix(pid.as_str())).is_some_and(|k| {
+                            !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit())
+                        })
+                })
+                .map(str::to_string)
+                .collect();
+            if !left_ns.is_empty() {
+                eprintln!("namespaces it probably left (remove with `ip netns del NAME`): {}", left_ns.join(" "));
+            }
+            o.passed += seen.0;
+            o.ignored += seen.1;
+            o.failed += left.len() as u64;
+            o.timed_out = Some(left);
+            break child.wait().context("waiting for a killed test binary")?;
+        }
+    };
+    drop(reader);
+    o.success = status.success() && o.timed_out.is_none();
+    if !o.success && o.failures.is_empty() && o.timed_out.is_none() {
+        eprintln!("`{}` exited with {status}", show(c));
     }
-    Ok(counts)
+    Ok(o)
 }
 
 /// Whether the tests that `cargo test -- ARGS` selects include the package

@@ -59,10 +59,8 @@ fn build_daemon() -> Result<(PathBuf, PathBuf)> {
     let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     build
         .args(["build", "--release", "--package", "udp-encap-tun", "--bin", "udp-encap-tun"])
+        .arg("--locked")
         .current_dir(&root);
-    if std::env::var_os("CI").is_some() {
-        build.arg("--locked");
-    }
     deps::run(&mut build).context("demo: building the daemon failed")?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

@@ -43,7 +43,7 @@ See ../shared/TOOLCHAIN.md.";
 
 /// Which toolchain builds the crate.
 #[derive(Clone, Copy, Debug)]
-enum Route {
+pub enum Route {
     Nightly,
     StableBootstrap,
     Debian,
@@ -60,6 +60,11 @@ impl Route {
 }
 
 pub fn build_ebpf() -> Result<PathBuf> {
+    build_ebpf_route().map(|(obj, _)| obj)
+}
+
+/// [`build_ebpf`], also saying which route built it.
+pub fn build_ebpf_route() -> Result<(PathBuf, Route)> {
     let root = crate::workspace_root();
     let crate_dir = root.join(CRATE_DIR);
     let path = path_with_cargo_bin();
@@ -75,7 +80,7 @@ pub fn build_ebpf() -> Result<PathBuf> {
             continue;
         }
         eprintln!("build-ebpf: building with {}", route.describe());
-        let status = cargo_build(route, &crate_dir, &path)
+        let status = cargo_cmd(route, "build", &crate_dir, &path)
             .status()
             .with_context(|| format!("running cargo for {}", route.describe()))?;
         if status.success() {
@@ -90,7 +95,7 @@ pub fn build_ebpf() -> Result<PathBuf> {
                 obj.display(),
                 route.describe()
             );
-            return Ok(obj);
+            return Ok((obj, route));
         }
         eprintln!("build-ebpf: {} failed ({status})", route.describe());
         failures.push(format!(
@@ -172,7 +177,31 @@ fn rustup_rust_src(toolchain: &str) -> Result<()> {
     }
 }
 
-fn cargo_build(route: Route, crate_dir: &Path, path: &OsString) -> Command {
+/// `cargo clippy -- -D warnings` on the eBPF crate, with the toolchain that
+/// built it: the check reuses that build's `core` (seconds, where another
+/// toolchain would build `core` again: minutes on 2 cores).
+pub fn clippy_ebpf(route: Route) -> Result<()> {
+    let root = crate::workspace_root();
+    let crate_dir = root.join(CRATE_DIR);
+    let path = path_with_cargo_bin();
+    let mut cmd = cargo_cmd(route, "clippy", &crate_dir, &path);
+    cmd.args(["--", "-D", "warnings"]);
+    println!("+ (in {CRATE_DIR}, {}) cargo clippy ... -D warnings", route.describe());
+    let status = cmd
+        .status()
+        .with_context(|| format!("running cargo clippy for {}", route.describe()))?;
+    if !status.success() {
+        let hint = match route {
+            Route::Nightly => "`rustup component add clippy --toolchain nightly` if clippy is missing",
+            Route::StableBootstrap => "`rustup component add clippy --toolchain stable` if clippy is missing",
+            Route::Debian => "Debian's rustc-web has no clippy: install rustup's stable with rust-src and clippy",
+        };
+        bail!("clippy on the eBPF crate failed ({status}; {hint}): see its messages above");
+    }
+    Ok(())
+}
+
+fn cargo_cmd(route: Route, sub: &str, crate_dir: &Path, path: &OsString) -> Command {
     // `rustup run` rather than `cargo +toolchain`: the `cargo` first on PATH
     // may be a toolchain's own binary, which does not know `+`.
     let mut cmd = match route {
@@ -195,7 +224,9 @@ fn cargo_build(route: Route, crate_dir: &Path, path: &OsString) -> Command {
     };
     cmd.current_dir(crate_dir)
         .args([
-            "build",
+            sub,
+            // The crate's own Cargo.lock must be complete.
+            "--locked",
             "-Z",
             "build-std=core",
             "--target",

@@ -603,8 +603,10 @@ pub enum CredentialsAction {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Revoke a client: remove it from clients.txt. The server notices the
-    /// change at the client's next attempt (or at once with SIGHUP).
+    /// Revoke a client: remove it from clients.txt. A running server
+    /// notices within a second (or at once with SIGHUP): it removes the
+    /// client's entries and their XDP map entries at once and refuses its
+    /// next attempt.
     Revoke {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR)]
         dir: PathBuf,
@@ -669,8 +671,8 @@ pub fn run_credentials_command(args: &CredentialsArgs) -> anyhow::Result<()> {
                     dir.join(CLIENTS).display()
                 );
                 println!(
-                    "a running server refuses it from its next attempt (send SIGHUP to reload at once); \
-                     its current lease ends within --entry-timeout"
+                    "a running server notices within a second (SIGHUP: at once), removes its entries \
+                     and refuses its next attempt"
                 );
             } else {
                 anyhow::bail!(

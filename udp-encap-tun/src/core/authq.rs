@@ -21,8 +21,12 @@ use std::time::{Duration, Instant};
 
 /// Packets kept per server while its authentication is in flight.
 pub const QUEUE_PER_SERVER: usize = 64;
-/// Authentications (each a TCP connection) at once.
+/// Authentications (each a TCP connection) at once for new servers.
 pub const MAX_IN_FLIGHT: usize = 8;
+/// Slots beyond [`MAX_IN_FLIGHT`] kept for re-authenticating with servers we
+/// hold a session with, so a flood of new destinations cannot keep a live
+/// session from being renewed.
+pub const RENEWAL_RESERVE: usize = 4;
 /// Servers with packets waiting, an authentication running or a backoff.
 pub const MAX_SERVERS: usize = 256;
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -103,10 +107,11 @@ impl AuthQueue {
         }
     }
 
-    /// A renewal is due: start one unless an authentication is in flight for
-    /// that server, it is backing off, or every slot is taken.
+    /// A renewal is due (the server holds our session): start one unless an
+    /// authentication is in flight for that server, it is backing off, or
+    /// every slot, the reserved ones included, is taken.
     pub fn start_renewal(&mut self, server: Ipv4Addr, now: Instant) -> bool {
-        if self.in_flight >= MAX_IN_FLIGHT || (!self.servers.contains_key(&server) && self.servers.len() >= MAX_SERVERS) {
+        if self.in_flight >= MAX_IN_FLIGHT + RENEWAL_RESERVE {
             return false;
         }
         let s = self.servers.entry(server).or_insert_with(|| Server { state: State::Idle, ..Server::default() });
@@ -285,7 +290,14 @@ mod tests {
         assert_eq!(started, MAX_IN_FLIGHT);
         assert_eq!(q.running(), MAX_IN_FLIGHT);
         assert_eq!(q.enqueue(server(10_000), b"syn", t0), Enqueued::Busy);
-        assert!(!q.start_renewal(server(10_001), t0), "no slot for a renewal either");
+        // A live session's renewal still gets one of the reserved slots.
+        for i in 0..RENEWAL_RESERVE as u32 {
+            assert!(q.start_renewal(server(20_000 + i), t0), "renewal {i}");
+        }
+        assert!(!q.start_renewal(server(10_001), t0), "the reserve is spent");
+        for i in 0..RENEWAL_RESERVE as u32 {
+            q.succeeded(server(20_000 + i));
+        }
         // One finishes: the next in line (the oldest waiting) starts.
         assert_eq!(q.failed(server(0), t0), 1);
         assert_eq!(q.start_waiting(), vec![server(MAX_IN_FLIGHT as u32)]);

@@ -541,12 +541,25 @@ impl Core {
         let Role::Server { store, auth: true, sessions } = &mut self.role else {
             return Err(Refusal::Unavailable);
         };
+        let (client, seed) = (a.client.to_string(), a.seed);
         let r = sessions.admit(store, gate, a, now);
         match r {
             Ok(adm) if adm.resumed => self.counters.add(Traffic::SessionsResumed, 1),
             Ok(_) => self.counters.add(Traffic::EntriesCreated, 1),
             Err(Refusal::ClientLimit) => self.counters.discard(Discard::ClientLimit),
-            Err(Refusal::PoolFull | Refusal::GateFull) => self.counters.discard(Discard::PoolFull),
+            Err(Refusal::PoolFull) => {
+                self.counters.discard(Discard::PoolFull);
+                let live = store.len();
+                self.logs.pool_full.log(now, || {
+                    format!("refused client {client} at {seed}: every address of the pool is taken ({live} live entries); widen --pool")
+                });
+            }
+            Err(Refusal::GateFull) => {
+                self.counters.discard(Discard::PoolFull);
+                self.logs.gate_full.log(now, || {
+                    format!("refused client {client} at {seed}: the XDP map is full (raise --xdp-map-size)")
+                });
+            }
             Err(Refusal::Unavailable) => {}
         }
         r

@@ -11,7 +11,8 @@ use crate::core::session::SessionId;
 use crate::core::{GateFull, PeerGate};
 use crate::edge::xdp::{XdpError, XdpGate};
 
-/// The peer gate in front of the socket: the XDP program, or nothing.
+/// The peer gate in front of the socket: the XDP program (or its TC
+/// classifier twin), or nothing.
 pub enum Gate {
     Off,
     Xdp(Box<XdpGate>),
@@ -44,34 +45,39 @@ impl PeerGate for Gate {
     fn allow(&mut self, peer: SocketAddr) -> Result<(), GateFull> {
         match self {
             Gate::Off => Ok(()),
-            Gate::Xdp(g) => {
-                let SocketAddr::V4(v4) = peer else {
-                    crate::bounded_log!(log::Level::Error, 1, Instant::now(), "the XDP map of this build holds IPv4 peers only: refusing {peer}");
-                    return Err(GateFull);
-                };
-                g.allow(v4).map_err(|e| {
-                    if !matches!(e, XdpError::MapFull { .. }) {
-                        // Refuse rather than let store and map disagree.
-                        crate::bounded_log!(log::Level::Error, 1, Instant::now(), "cannot add {peer} to the XDP map, refusing it: {e}");
-                    }
-                    GateFull
-                })
-            }
+            Gate::Xdp(g) => g.allow(peer).map_err(|e| {
+                if !matches!(e, XdpError::MapFull { .. }) {
+                    // Refuse rather than let store and map disagree.
+                    crate::bounded_log!(log::Level::Error, 1, Instant::now(), "cannot add {peer} to the XDP map, refusing it: {e}");
+                }
+                GateFull
+            }),
         }
     }
 
     fn revoke(&mut self, peer: SocketAddr) {
         if let Gate::Xdp(g) = self
-            && let SocketAddr::V4(v4) = peer
-            && let Err(e) = g.revoke(v4)
+            && let Err(e) = g.revoke(peer)
         {
             crate::bounded_log!(log::Level::Error, 1, Instant::now(), "cannot remove {peer} from the XDP map: {e}");
         }
     }
 
-    fn allow_session(&mut self, _id: SessionId) -> Result<(), GateFull> {
-        Ok(())
+    fn allow_session(&mut self, id: SessionId) -> Result<(), GateFull> {
+        match self {
+            Gate::Off => Ok(()),
+            Gate::Xdp(g) => g.allow_session(id.0).map_err(|e| {
+                crate::bounded_log!(log::Level::Error, 1, Instant::now(), "cannot add session {id} to the XDP map, refusing it: {e}");
+                GateFull
+            }),
+        }
     }
 
-    fn revoke_session(&mut self, _id: SessionId) {}
+    fn revoke_session(&mut self, id: SessionId) {
+        if let Gate::Xdp(g) = self
+            && let Err(e) = g.revoke_session(id.0)
+        {
+            crate::bounded_log!(log::Level::Error, 1, Instant::now(), "cannot remove session {id} from the XDP map: {e}");
+        }
+    }
 }

@@ -202,6 +202,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let (flush, changed) = auth.finished(done, &mut core, &mut gate, &counters);
                 saver.dirty |= changed;
                 path.send_queued(flush, &udp, &mut core).await;
+                // The new session's proof of its path goes now, not at the
+                // next tick: the first packets wait for its answer.
+                let now = Instant::now();
+                core.client_due(now, &mut actions);
+                for (to, bytes) in auth.client_actions(&mut actions, &mut core, &mut gate, &counters, now) {
+                    path.send_control(&udp, to, &bytes).await;
+                }
             }
             _ = ticker.tick() => {
                 let now = Instant::now();

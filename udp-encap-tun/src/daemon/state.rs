@@ -252,15 +252,29 @@ pub fn load(path: &Path, role: &str) -> Loaded {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Loaded::Missing,
         Err(e) => return Loaded::Unusable(format!("cannot read it: {e}")),
     };
-    let why = match serde_json::from_slice::<File>(&text) {
-        Ok(f) if f.format != FORMAT => format!("it has format {}, this build reads {FORMAT}", f.format),
-        Ok(f) if f.role != role => format!("it belongs to a {} (this is a {role})", f.role),
+    let why = match parse(&text, role) {
         Ok(f) => return Loaded::File(f),
-        Err(e) => format!("it is not valid: {e}"),
+        Err(why) => why,
     };
     let aside = path.with_extension("json.corrupt");
     let _ = fs::rename(path, &aside);
     Loaded::Unusable(format!("{why} (moved to {})", aside.display()))
+}
+
+/// The file's bytes as this build reads them, or why not (the fuzz target
+/// `state_file` drives it with any bytes).
+pub fn parse(text: &[u8], role: &str) -> Result<File, String> {
+    match serde_json::from_slice::<File>(text) {
+        Ok(f) if f.format != FORMAT => Err(format!("it has format {}, this build reads {FORMAT}", f.format)),
+        Ok(f) if f.role != role => Err(format!("it belongs to a {} (this is a {role})", f.role)),
+        Ok(f) => Ok(f),
+        Err(e) => Err(format!("it is not valid: {e}")),
+    }
+}
+
+/// The bytes [`save`] writes.
+pub fn serialize(file: &File) -> io::Result<Vec<u8>> {
+    serde_json::to_vec_pretty(file).map_err(io::Error::other)
 }
 
 /// Writes `file` to `path` atomically, mode 0600, creating the directory
@@ -271,7 +285,7 @@ pub fn save(path: &Path, file: &File) -> io::Result<()> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
     let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(file).map_err(io::Error::other)?;
+    let body = serialize(file)?;
     {
         let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         // A file left by an older run with other permissions: tighten it.

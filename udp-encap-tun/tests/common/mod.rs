@@ -20,6 +20,7 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
+pub mod bpf;
 pub mod creds;
 pub mod paced;
 
@@ -666,6 +667,13 @@ impl Daemon {
 
     /// Spawns without waiting for the control socket (for start-up error tests).
     pub fn spawn_no_wait<S: AsRef<str>>(ns: &Netns, label: &str, args: &[S]) -> Daemon {
+        Daemon::spawn_no_wait_via(ns, label, &[], args)
+    }
+
+    /// [`Daemon::spawn_no_wait`] through a wrapper that execs the daemon
+    /// (`setpriv --reuid 65534 ...`): `nsenter --net=NS -- WRAPPER... BIN ARGS`.
+    /// The wrapper execs, so the PID is the daemon's.
+    pub fn spawn_no_wait_via<S: AsRef<str>>(ns: &Netns, label: &str, wrapper: &[&str], args: &[S]) -> Daemon {
         let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
         let dir = ArtifactDir::new(label);
         let log = dir.file(&format!("{label}.log"));
@@ -675,9 +683,17 @@ impl Daemon {
             .find(|w| w[0] == "--interface")
             .map_or("tun0", |w| w[1])
             .to_string();
-        let mut cmd = ns.cmd(BIN);
+        let mut cmd = match wrapper.split_first() {
+            None => ns.cmd(BIN),
+            Some((w, rest)) => {
+                let mut c = ns.cmd(w);
+                c.args(rest).arg(BIN);
+                c
+            }
+        };
         cmd.args(&args);
-        if !args.iter().any(|a| *a == "--state-dir" || *a == "--config") && args.first() != Some(&"status") {
+        // Also with --config: the command line wins over the file.
+        if !args.contains(&"--state-dir") && args.first() != Some(&"status") {
             cmd.arg("--state-dir").arg(ns.state_dir());
         }
         cmd.stdin(Stdio::null())
@@ -839,15 +855,46 @@ impl Daemon {
         }
     }
 
+    /// Waits up to `deadline` for the daemon to exit by itself (a start-up
+    /// error); returns its status. Panics (after SIGKILL) if it keeps running.
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        assert!(self.child.is_some(), "daemon {} already stopped", self.label);
+        match self.wait_deadline(deadline) {
+            Some(st) => {
+                self.child = None;
+                st
+            }
+            None => {
+                self.signal(libc::SIGKILL);
+                let _ = self.wait_deadline(Duration::from_secs(5));
+                self.child = None;
+                panic!(
+                    "daemon {} still running {deadline:?} after its start; log:\n{}",
+                    self.label,
+                    self.log_tail(40)
+                );
+            }
+        }
+    }
+
     /// SIGTERM and wait up to 10 s; returns the exit status. Panics (after a
     /// SIGKILL) if it does not exit.
     pub fn stop(&mut self) -> ExitStatus {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// The same with SIGINT (Ctrl-C).
+    pub fn interrupt(&mut self) -> ExitStatus {
+        self.stop_with(libc::SIGINT)
+    }
+
+    fn stop_with(&mut self, sig: i32) -> ExitStatus {
         assert!(
             self.child.is_some(),
             "daemon {} already stopped",
             self.label
         );
-        self.signal(libc::SIGTERM);
+        self.signal(sig);
         match self.wait_deadline(Duration::from_secs(10)) {
             Some(st) => {
                 self.child = None;
@@ -858,7 +905,7 @@ impl Daemon {
                 let _ = self.wait_deadline(Duration::from_secs(5));
                 self.child = None;
                 panic!(
-                    "daemon {} did not exit within 10 s of SIGTERM; log:\n{}",
+                    "daemon {} did not exit within 10 s of signal {sig}; log:\n{}",
                     self.label,
                     self.log_tail(40)
                 );
@@ -927,6 +974,16 @@ pub struct Capture {
 impl Capture {
     /// Starts and waits until tcpdump says it is listening.
     pub fn start(ns: &Netns, iface: &str) -> Capture {
+        Capture::start_snaplen(ns, iface, 128)
+    }
+
+    /// The same with whole packets (what `tcpdump -vv` needs to verify
+    /// checksums).
+    pub fn start_full(ns: &Netns, iface: &str) -> Capture {
+        Capture::start_snaplen(ns, iface, 0)
+    }
+
+    fn start_snaplen(ns: &Netns, iface: &str, snaplen: u32) -> Capture {
         let dir = ArtifactDir::new(&format!("cap-{iface}"));
         let file = dir.file(&format!("{iface}.pcap"));
         let err = dir.file(&format!("{iface}.tcpdump.err"));
@@ -937,7 +994,7 @@ impl Capture {
                 "-ni",
                 iface,
                 "-s",
-                "128",
+                &snaplen.to_string(),
                 "-B",
                 "8192",
                 "--immediate-mode",
@@ -1026,8 +1083,12 @@ impl Capture {
     }
 
     fn read(&self, filter: &str) -> Option<String> {
+        self.read_with(&[], filter)
+    }
+
+    fn read_with(&self, flags: &[&str], filter: &str) -> Option<String> {
         let mut cmd = Command::new("tcpdump");
-        cmd.arg("-nn").arg("-r").arg(&self.file);
+        cmd.args(flags).arg("-nn").arg("-r").arg(&self.file);
         if !filter.is_empty() {
             cmd.arg(filter);
         }
@@ -1071,6 +1132,17 @@ impl Capture {
     /// (a pcap filter; "" = all, markers excluded).
     pub fn count(&mut self, filter: &str) -> usize {
         self.dump(filter, usize::MAX).lines().count()
+    }
+
+    /// Stops the capture (if running) and returns `tcpdump -vv`'s decoding
+    /// of the packets matching `filter` (markers excluded): it verifies the
+    /// IP, TCP and UDP checksums of whole packets (`[udp sum ok]`, `[bad udp
+    /// cksum ...]`, `[no cksum]`).
+    pub fn dump_verbose(&mut self, filter: &str) -> String {
+        self.stop();
+        let f = format!("({filter}) and not ({MARK_FILTER})");
+        self.read_with(&["-vv"], &f)
+            .unwrap_or_else(|| panic!("tcpdump -vv -r {} '{f}' failed", self.file.display()))
     }
 
     /// Stops the capture (if running) and returns the decoded packets
@@ -1189,6 +1261,24 @@ pub fn send_payload(w: &mut impl Write, len: u64, seed: u64) -> io::Result<Sha> 
     Ok(h.finalize().into())
 }
 
+/// A writer that counts the bytes the inner writer accepted: what a
+/// transfer really wrote, as opposed to what it was asked to write.
+pub struct Counting<W> {
+    pub inner: W,
+    pub written: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Reads to EOF; returns (bytes, SHA-256).
 pub fn recv_to_eof(r: &mut impl Read) -> io::Result<(u64, Sha)> {
     let mut buf = vec![0u8; CHUNK];
@@ -1240,6 +1330,7 @@ pub struct ServerConn {
     pub local: SocketAddr,
     pub received: u64,
     pub received_sha: Sha,
+    /// Bytes the socket accepted (counted, not the requested length).
     pub sent: u64,
     pub sent_sha: Sha,
     pub error: Option<String>,
@@ -1251,14 +1342,16 @@ pub struct ClientResult {
     pub transfer: Transfer,
     pub local: SocketAddr,
     pub peer: SocketAddr,
+    /// Bytes the socket accepted (counted, not the requested length).
     pub sent: u64,
     pub sent_sha: Sha,
     pub received: u64,
     pub received_sha: Sha,
 }
 
-/// Checks that both directions arrived complete and intact: length and
-/// SHA-256 computed by the receiver equal what the sender sent.
+/// Checks that both directions arrived complete and intact: each sender
+/// wrote the whole requested length (counted by [`Counting`]), and length
+/// and SHA-256 computed by the receiver equal what the sender wrote.
 pub fn assert_transfer_ok(c: &ClientResult, s: &ServerConn) {
     assert!(
         s.error.is_none(),
@@ -1404,11 +1497,11 @@ fn serve_conn(mut stream: TcpStream, peer: SocketAddr) -> ServerConn {
         conn.id = word(0);
         let download = word(2);
         let seed = word(3) ^ DOWN;
-        let mut w = stream.try_clone()?;
-        let writer = thread::spawn(move || -> io::Result<Sha> {
+        let mut w = Counting { inner: stream.try_clone()?, written: 0 };
+        let writer = thread::spawn(move || -> io::Result<(u64, Sha)> {
             let sha = send_payload(&mut w, download, seed)?;
-            w.shutdown(Shutdown::Write)?;
-            Ok(sha)
+            w.inner.shutdown(Shutdown::Write)?;
+            Ok((w.written, sha))
         });
         let recv = recv_to_eof(&mut stream);
         let sent = writer
@@ -1417,8 +1510,7 @@ fn serve_conn(mut stream: TcpStream, peer: SocketAddr) -> ServerConn {
         let (n, sha) = recv?;
         conn.received = n;
         conn.received_sha = sha;
-        conn.sent_sha = sent?;
-        conn.sent = download;
+        (conn.sent, conn.sent_sha) = sent?;
         Ok(())
     })();
     if let Err(e) = r {
@@ -1447,14 +1539,14 @@ pub fn transfer_on(mut stream: TcpStream, t: Transfer) -> io::Result<ClientResul
         hdr.extend_from_slice(&w.to_be_bytes());
     }
     stream.write_all(&hdr)?;
-    let mut w = stream.try_clone()?;
-    let writer = thread::spawn(move || -> io::Result<Sha> {
+    let mut w = Counting { inner: stream.try_clone()?, written: 0 };
+    let writer = thread::spawn(move || -> io::Result<(u64, Sha)> {
         let sha = send_payload(&mut w, t.upload, t.seed)?;
-        w.shutdown(Shutdown::Write)?;
-        Ok(sha)
+        w.inner.shutdown(Shutdown::Write)?;
+        Ok((w.written, sha))
     });
     let recv = recv_to_eof(&mut stream);
-    let sent_sha = writer
+    let (sent, sent_sha) = writer
         .join()
         .map_err(|_| io::Error::other("writer panicked"))??;
     let (received, received_sha) = recv?;
@@ -1462,7 +1554,7 @@ pub fn transfer_on(mut stream: TcpStream, t: Transfer) -> io::Result<ClientResul
         transfer: t,
         local,
         peer,
-        sent: t.upload,
+        sent,
         sent_sha,
         received,
         received_sha,
@@ -1487,6 +1579,19 @@ pub fn spawn_transfer(
         let stream = TcpStream::connect_timeout(&SocketAddr::V4(dest), Duration::from_secs(10))?;
         transfer_on(stream, t)
     })
+}
+
+/// Waits for a [`spawn_transfer`] thread until `deadline`: a tunnel that
+/// crawls (some bytes now and then, so no socket timeout fires) fails the
+/// test by name instead of running into the test binary's time limit. The
+/// thread is left to end on its own socket timeouts.
+pub fn join_transfer(h: JoinHandle<io::Result<ClientResult>>, deadline: Duration, what: &str) -> ClientResult {
+    wait_until(deadline, &format!("{what} to finish"), || h.is_finished());
+    match h.join() {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("{what} failed: {e}"),
+        Err(e) => std::panic::resume_unwind(e),
+    }
 }
 
 // ---------------------------------------------------------------- odd packets

@@ -192,6 +192,19 @@ pub fn markdown(r: &Results) -> String {
             percentile(w, 99.0) / 1e3
         );
     }
+    let _ = writeln!(
+        s,
+        "\nBatching over the whole benchmark (daemon counters: packets per system call; \
+         `cargo test` only checks that batching happens at all):"
+    );
+    for b in batching(r) {
+        let _ = writeln!(
+            s,
+            "- {}: {:.1} datagrams per sendmsg, {:.1} segments per TUN read, {:.1} datagrams per \
+             recvmsg, {:.1} segments per TUN write; {} TUN reads took a second sendmsg",
+            b.who, b.per_send, b.per_tun_read, b.per_recv, b.per_tun_write, b.second_sends
+        );
+    }
     let nonzero: Vec<_> = r
         .counters
         .iter()
@@ -211,6 +224,41 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(s, "- {who}: {k} +{v}");
     }
     s
+}
+
+/// One daemon's batching figures, from the counter deltas of the run.
+pub struct Batching {
+    pub who: String,
+    pub per_send: f64,
+    pub per_tun_read: f64,
+    pub per_recv: f64,
+    pub per_tun_write: f64,
+    /// udp_send_calls - tun_reads: reads whose super-segment did not fit
+    /// one GSO send (0 when the TUN's gso_max_segs cap works).
+    pub second_sends: i64,
+}
+
+pub fn batching(r: &Results) -> Vec<Batching> {
+    ["server daemon", "client daemon"]
+        .iter()
+        .map(|who| {
+            let get = |name: &str| {
+                r.counters
+                    .iter()
+                    .find(|(w, k, _)| w == who && k == name)
+                    .map_or(0, |(_, _, v)| *v)
+            };
+            let ratio = |a: &str, b: &str| get(a) as f64 / get(b).max(1) as f64;
+            Batching {
+                who: (*who).to_string(),
+                per_send: ratio("udp_tx_packets", "udp_send_calls"),
+                per_tun_read: ratio("tun_rx_packets", "tun_reads"),
+                per_recv: ratio("udp_rx_packets", "udp_recv_calls"),
+                per_tun_write: ratio("tun_tx_packets", "tun_writes"),
+                second_sends: get("udp_send_calls") as i64 - get("tun_reads") as i64,
+            }
+        })
+        .collect()
 }
 
 fn throughput_json(cases: &[(Case, CaseResult)]) -> Vec<Value> {
@@ -267,6 +315,14 @@ pub fn json(r: &Results) -> Value {
             "tunnel_busy_poll": r.rr_busy.as_ref().map(|(us, v)| json!({"busy_poll_us": us, "round_trips": lat(v)})),
         },
         "counters": r.counters.iter().map(|(w, k, v)| json!({"who": w, "name": k, "delta": v})).collect::<Vec<_>>(),
+        "batching": batching(r).iter().map(|b| json!({
+            "who": b.who,
+            "datagrams_per_sendmsg": b.per_send,
+            "segments_per_tun_read": b.per_tun_read,
+            "datagrams_per_recvmsg": b.per_recv,
+            "segments_per_tun_write": b.per_tun_write,
+            "tun_reads_with_a_second_sendmsg": b.second_sends,
+        })).collect::<Vec<_>>(),
         "wall_seconds": r.wall.as_secs_f64(),
     })
 }

@@ -66,9 +66,37 @@ pub struct Session {
     kick: bool,
     /// A re-authentication was asked for (not again until it ends).
     reauth: bool,
+    /// When the lease was granted here (the binding's deadline counts from
+    /// it, not from the start of a TLS handshake that may have been slow).
+    bind_started: Instant,
 }
 
 impl Session {
+    /// A session just granted or taken back at `now`: not bound, a
+    /// keepalive due at once, nothing heard or sent before `now`.
+    fn new(server: Ipv4Addr, path: SocketAddr, id: SessionId, keys: KeyBytes, now: Instant) -> Session {
+        Session {
+            server,
+            path,
+            id,
+            keys: Keys::new(keys),
+            rx: 0,
+            tx: 0,
+            bound: false,
+            lease: Duration::ZERO,
+            granted: now,
+            until: now,
+            sent: now,
+            heard: now,
+            last_proof: None,
+            last_keepalive: None,
+            unanswered: 0,
+            kick: true,
+            reauth: false,
+            bind_started: now,
+        }
+    }
+
     fn make(&mut self, kind: Kind, echo: u64, now: Instant) -> [u8; LEN] {
         self.tx = self.tx.wrapping_add(1);
         self.last_proof = Some((now, self.tx));
@@ -164,28 +192,10 @@ impl Sessions {
         }
         let (sent, heard) = old.map_or((now, now), |(_, _, s, h)| (s, now.max(h)));
         self.by_path.insert(g.path, g.server);
-        self.by_server.insert(
-            g.server,
-            Session {
-                server: g.server,
-                path: g.path,
-                id: g.id,
-                keys: Keys::new(g.keys),
-                rx: 0,
-                tx: g.counter,
-                bound: g.bound,
-                lease: g.lease,
-                granted: g.started,
-                until: g.started + g.lease,
-                sent,
-                heard,
-                last_proof: None,
-                last_keepalive: None,
-                unanswered: 0,
-                kick: true,
-                reauth: false,
-            },
-        );
+        let mut s = Session::new(g.server, g.path, g.id, g.keys, now);
+        (s.tx, s.bound, s.lease, s.granted, s.until, s.sent, s.heard) =
+            (g.counter, g.bound, g.lease, g.started, g.started + g.lease, sent, heard);
+        self.by_server.insert(g.server, s);
         Ok(())
     }
 
@@ -268,7 +278,7 @@ impl Sessions {
             let since_ka = s.last_keepalive.map(|t| now.saturating_duration_since(t));
             let waited = |d: Duration| since_ka.is_none_or(|x| x >= d);
             if !s.bound {
-                if now.saturating_duration_since(s.granted) >= BIND_GIVE_UP {
+                if now.saturating_duration_since(s.bind_started) >= BIND_GIVE_UP {
                     out.push(Action::GaveUp { server: s.server });
                 } else if s.kick || waited(BIND_RETRY) {
                     keepalive(s, now, out);
@@ -390,29 +400,10 @@ impl Sessions {
             return false;
         }
         self.by_path.insert(s.path, s.server);
-        let granted = s.until.checked_sub(s.lease).unwrap_or(now).min(now);
-        self.by_server.insert(
-            s.server,
-            Session {
-                server: s.server,
-                path: s.path,
-                id: s.id,
-                keys: Keys::new(s.keys),
-                rx: s.rx,
-                tx: s.tx.max(counter),
-                bound: true,
-                lease: s.lease,
-                granted,
-                until: s.until,
-                sent: now,
-                heard: now,
-                last_proof: None,
-                last_keepalive: None,
-                unanswered: 0,
-                kick: true,
-                reauth: false,
-            },
-        );
+        let mut n = Session::new(s.server, s.path, s.id, s.keys, now);
+        (n.rx, n.tx, n.bound, n.lease, n.until) = (s.rx, s.tx.max(counter), true, s.lease, s.until);
+        n.granted = s.until.checked_sub(s.lease).unwrap_or(now).min(now);
+        self.by_server.insert(s.server, n);
         true
     }
 }
