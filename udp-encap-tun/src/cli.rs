@@ -144,7 +144,8 @@ pub struct RunArgs {
     pub tun_address: Option<Cidr>,
 
     /// With --tun-address: the MTU of the TUN it creates (default: the
-    /// uplink's MTU minus 8, the most a datagram carries).
+    /// uplink's MTU minus 8, the most a datagram carries; minus 28 for a
+    /// client with --nat64-prefix, whose datagrams all cross IPv6).
     #[arg(long, help_heading = SERVICE, value_name = "BYTES", requires = "tun_address", value_parser = clap::value_parser!(u16).range(576..))]
     pub tun_mtu: Option<u16>,
 

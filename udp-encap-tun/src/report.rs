@@ -29,7 +29,16 @@ pub struct Report {
     pub uplink: Uplink,
     pub listen_port: u16,
     pub endpoint_port: Option<u16>,
+    /// The MSS clamp of paths over IPv4.
     pub max_mss: u16,
+    /// The MSS clamp of paths over IPv6 (20 bytes of outer header more);
+    /// absent when the socket carries no IPv6.
+    #[serde(default)]
+    pub max_mss_ipv6: Option<u16>,
+    /// The outer families the UDP socket carries: `ipv4`, `ipv6` or
+    /// `ipv4+ipv6` (a dual-stack socket).
+    #[serde(default)]
+    pub families: Option<String>,
     pub offloads: Offloads,
     pub uptime_seconds: u64,
     /// Server only.
@@ -197,6 +206,12 @@ impl Report {
             let _ = writeln!(t, "endpoint_port {p}");
         }
         let _ = writeln!(t, "max_mss {}", self.max_mss);
+        if let Some(m) = self.max_mss_ipv6 {
+            let _ = writeln!(t, "max_mss_ipv6 {m}");
+        }
+        if let Some(f) = &self.families {
+            let _ = writeln!(t, "families {f}");
+        }
         let o = self.offloads;
         let _ = writeln!(t, "offloads tun {} udp_gso {} udp_gro {}", on(o.tun), on(o.udp_gso), on(o.udp_gro));
         let _ = writeln!(t, "uptime_seconds {}", self.uptime_seconds);
@@ -322,6 +337,8 @@ mod tests {
             listen_port: 12345,
             endpoint_port: None,
             max_mss: 1360,
+            max_mss_ipv6: Some(1340),
+            families: Some("ipv4+ipv6".into()),
             offloads: Offloads { tun: true, udp_gso: true, udp_gro: false },
             uptime_seconds: 7,
             pool: Some(PoolInfo { network: Ipv4Addr::new(198, 18, 0, 0), prefix: 24, capacity: 253, entries: 1 }),
@@ -339,6 +356,13 @@ mod tests {
                 expires_in_ms: 290_000,
                 client: Some("alice".into()),
                 session: Some("0102030405060708".into()),
+            }, Peer {
+                peer: Some("[2001:db8::2]:40000".parse().unwrap()),
+                address: Ipv4Addr::new(198, 18, 0, 3),
+                idle_ms: 20,
+                expires_in_ms: 280_000,
+                client: Some("bob".into()),
+                session: None,
             }],
             leases: vec![],
         }
@@ -350,12 +374,13 @@ mod tests {
         assert_eq!(
             t,
             "version 0.1.0\nmode server\nauth on\ninterface tun0 198.18.0.1/24 mtu 1400\n\
-             uplink eth0 mtu 1500\nlisten_port 12345\nmax_mss 1360\n\
+             uplink eth0 mtu 1500\nlisten_port 12345\nmax_mss 1360\nmax_mss_ipv6 1340\nfamilies ipv4+ipv6\n\
              offloads tun on udp_gso on udp_gro off\nuptime_seconds 7\n\
              pool 198.18.0.0/24 capacity 253 entries 1\n\
              xdp generic pins /sys/fs/bpf/udp-encap-tun/1-eth0-12345\n\
              counter tun_rx_packets 5\ncounter discard_not_tcp 0\ncounter xdp_map_entries 1\n\
-             peer 192.0.2.2:40000 198.18.0.2 idle_ms 10 expires_in_ms 290000 client alice session 0102030405060708\n"
+             peer 192.0.2.2:40000 198.18.0.2 idle_ms 10 expires_in_ms 290000 client alice session 0102030405060708\n\
+             peer [2001:db8::2]:40000 198.18.0.3 idle_ms 20 expires_in_ms 280000 client bob\n"
         );
     }
 
@@ -365,6 +390,8 @@ mod tests {
         let j = r.to_json();
         assert!(j.contains(r#""counters":{"tun_rx_packets":5,"discard_not_tcp":0,"xdp_map_entries":1}"#), "{j}");
         assert!(j.contains(r#""peer":"192.0.2.2:40000""#), "{j}");
+        assert!(j.contains(r#""peer":"[2001:db8::2]:40000""#), "{j}");
+        assert!(j.contains(r#""max_mss_ipv6":1340"#), "{j}");
         assert_eq!(Report::from_reply(&j).unwrap(), r);
     }
 

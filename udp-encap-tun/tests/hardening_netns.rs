@@ -138,7 +138,7 @@ fn spawn_client(c: &Host, label: &str, port: u16, server_port: u16, cred: &Path)
 
 /// Store entries of the server whose real address is `ip`.
 fn entries_of(st: &Status, ip: Ipv4Addr) -> usize {
-    st.peers.iter().filter(|(p, _)| *p.ip() == ip).count()
+    st.peers.iter().filter(|(p, _)| p.ip() == ip).count()
 }
 
 /// The pin directory from the `xdp MODE pins PATH` status line.

@@ -60,7 +60,8 @@ fn payload_is_deterministic_and_chunk_independent() {
 fn status_parses_counters_and_peers() {
     let st = Status::parse(
         "mode server\ninterface tun0\ncounter tun_rx_packets 123\ncounter discard_not_tcp 0\n\
-         peer 203.0.113.254:12345 198.18.0.2 idle_ms 1234\npeer 203.0.113.254:1024 198.18.0.3 idle_ms 5\n",
+         peer 203.0.113.254:12345 198.18.0.2 idle_ms 1234\npeer 203.0.113.254:1024 198.18.0.3 idle_ms 5\n\
+         peer [2001:db8::2]:40000 198.18.0.4 idle_ms 7\nmax_mss_ipv6 1340\n",
     );
     assert_eq!(st.mode.as_deref(), Some("server"));
     assert_eq!(st.counter("tun_rx_packets"), 123);
@@ -76,8 +77,14 @@ fn status_parses_counters_and_peers() {
                 "203.0.113.254:1024".parse().unwrap(),
                 Ipv4Addr::new(198, 18, 0, 3)
             ),
+            (
+                "[2001:db8::2]:40000".parse().unwrap(),
+                Ipv4Addr::new(198, 18, 0, 4)
+            ),
         ]
     );
+    assert_eq!(st.generated_for(std::net::SocketAddr::from(("2001:db8::2".parse::<std::net::Ipv6Addr>().unwrap(), 40000))), Some(Ipv4Addr::new(198, 18, 0, 4)));
+    assert_eq!(st.max_mss_ipv6(), Some(1340));
     let missing = std::panic::catch_unwind(|| st.counter("no_such_counter"));
     assert!(missing.is_err(), "a missing counter must not read as 0");
 }

@@ -980,7 +980,7 @@ fn plain_datagram_peer_handshakes_and_exchanges_data() {
     assert_eq!(st.peers.len(), 1, "{}", st.raw);
     assert_eq!(
         st.peers[0].0,
-        SocketAddrV4::new(c.addr, PEER_PORT),
+        SocketAddr::V4(SocketAddrV4::new(c.addr, PEER_PORT)),
         "{}",
         st.raw
     );

@@ -130,7 +130,10 @@ fn xdp_peers(server: &Daemon) -> std::collections::BTreeSet<std::net::SocketAddr
 fn one_entry(server: &Daemon) -> (SocketAddrV4, Ipv4Addr) {
     let st = server.status();
     assert_eq!(st.peers.len(), 1, "the server should hold exactly one entry:\n{}", st.raw);
-    st.peers[0]
+    match st.peers[0] {
+        (std::net::SocketAddr::V4(peer), addr) => (peer, addr),
+        (peer, _) => panic!("an IPv6 peer {peer} in an IPv4 test:\n{}", st.raw),
+    }
 }
 
 /// A download of `total` bytes read at 64 KiB every `gap`, from the client

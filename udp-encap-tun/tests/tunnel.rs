@@ -117,11 +117,11 @@ fn nat_two_clients_same_port_concurrent_transfers() {
         "status entries do not match what the app saw:\n{}",
         st.raw
     );
-    let real: HashSet<SocketAddrV4> = st.peers.iter().map(|p| p.0).collect();
+    let real: HashSet<std::net::SocketAddr> = st.peers.iter().map(|p| p.0).collect();
     assert_eq!(real.len(), 2);
     assert!(
         real.iter()
-            .all(|r| *r.ip() == Ipv4Addr::new(203, 0, 113, 254)),
+            .all(|r| r.ip() == Ipv4Addr::new(203, 0, 113, 254)),
         "both peers should come from the router's address:\n{}",
         st.raw
     );
@@ -708,7 +708,7 @@ fn udp_checksums_are_set_on_the_wire_and_verified() {
             raw.send_to(&d, &SockAddr::from(SocketAddrV4::new(*dst.ip(), 0))).expect("send raw datagram");
         });
     };
-    let has_peer = |st: &Status| st.peers.iter().any(|p| p.0 == src);
+    let has_peer = |st: &Status| st.peers.iter().any(|p| p.0 == SocketAddr::V4(src));
     let errs = udp_csum_errors(&s.ns);
     send(1);
     wait_until(Duration::from_secs(10), "the server's kernel to drop the bad checksum", || {

@@ -220,7 +220,13 @@ fn expected_config(port: u16, enforce: bool) -> Vec<u8> {
 }
 
 fn status_peers(st: &Status) -> BTreeSet<SocketAddrV4> {
-    st.peers.iter().map(|p| p.0).collect()
+    st.peers
+        .iter()
+        .map(|p| match p.0 {
+            std::net::SocketAddr::V4(peer) => peer,
+            peer => panic!("an IPv6 peer {peer} in an IPv4 test:\n{}", st.raw),
+        })
+        .collect()
 }
 
 /// The map and `status` name the same peers; returns them.

@@ -56,6 +56,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "BYTES", default_value_t = topo::DEFAULT_TUN_MTU,
           value_parser = clap::value_parser!(u32).range(576..=i64::from(topo::MAX_TUN_MTU)))]
     tun_mtu: u32,
+    /// Also measure the tunnel over IPv6: after the IPv4 cases the daemons
+    /// restart with the client reaching the server over the uplink veth's
+    /// IPv6 addresses (`--endpoint-v6`), and the same cases run against the
+    /// raw IPv6 path (the raw veth's IPv6 addresses), alternated the same
+    /// way. The IPv4 figures of the same run come first, for comparison.
+    #[arg(long)]
+    ipv6: bool,
     /// Where results.json and bench.svg go (relative: to the workspace root).
     #[arg(long, value_name = "DIR", default_value = "bench-out")]
     out: PathBuf,
@@ -132,6 +139,9 @@ pub struct Results {
     pub seconds: u32,
     pub rr_seconds: f64,
     pub cases: Vec<(Case, CaseResult)>,
+    /// `--ipv6`: the same cases with the tunnel over IPv6 and the raw IPv6
+    /// path (empty without it).
+    pub cases_v6: Vec<(Case, CaseResult)>,
     /// Round-trip samples (ns): tunnel, raw.
     pub rr_tunnel: Vec<u64>,
     pub rr_raw: Vec<u64>,
@@ -190,7 +200,7 @@ fn run(args: &BenchArgs) -> Result<()> {
 
     topo::install_signal_handlers();
     let started = Instant::now();
-    let mut t = Topology::build(&bin, args.tun_mtu).context("bench: building the namespaces")?;
+    let mut t = Topology::build(&bin, args.tun_mtu, args.ipv6).context("bench: building the namespaces")?;
     println!(
         "bench: namespaces {} and {} (removed at exit); tunnel over {}/{}, raw over {}/{}",
         t.names.srv, t.names.cli, t.names.up_s, t.names.up_c, t.names.raw_s, t.names.raw_c
@@ -227,27 +237,7 @@ fn run(args: &BenchArgs) -> Result<()> {
         CASES.len(),
         total as u32 * (seconds + 2) + runs * 2
     );
-    let mut results: Vec<(Case, CaseResult)> =
-        CASES.iter().map(|c| (*c, CaseResult::default())).collect();
-    for round in 1..=runs {
-        for (case, res) in results.iter_mut() {
-            let tun = iperf(&mut t, topo::SRV_UPLINK, *case, seconds, true)?;
-            let raw = iperf(&mut t, topo::SRV_RAW, *case, seconds, false)?;
-            let cpu_gb = tun
-                .cpu
-                .map_or(f64::NAN, |(s, c)| (s + c) / (tun.bytes as f64 / 1e9));
-            println!(
-                "  run {round}/{runs}  {:<34} tunnel {:>7.3} Gbit/s ({cpu_gb:.1} CPU s/GB)  raw {:>7.3} Gbit/s  retransmits {}/{}",
-                case.label(),
-                tun.gbps,
-                raw.gbps,
-                tun.retransmits,
-                raw.retransmits
-            );
-            res.tunnel.push(tun);
-            res.raw.push(raw);
-        }
-    }
+    let results = throughput(&mut t, topo::SRV_RAW, runs, seconds)?;
 
     println!(
         "\nbench: latency: {runs} x (tunnel, raw) x {rr_seconds} s of {} B request/response",
@@ -266,7 +256,7 @@ fn run(args: &BenchArgs) -> Result<()> {
     // what --busy-poll buys, from the same run.
     let rr_busy = if args.busy_poll == 0 {
         println!("\nbench: latency again, daemons restarted with --busy-poll {SHOWN_BUSY_POLL}");
-        t.restart_daemons(&args.xdp_mode, SHOWN_BUSY_POLL, "-busy-poll")
+        t.restart_daemons(&args.xdp_mode, SHOWN_BUSY_POLL, "-busy-poll", false)
             .context("bench: restarting the daemons with --busy-poll")?;
         rr::measure(&t.names.cli, tun_rr, Duration::from_millis(200))
             .context("bench: no TCP through the restarted tunnel")?;
@@ -285,6 +275,33 @@ fn run(args: &BenchArgs) -> Result<()> {
             eprintln!("bench: the wake-up measurement failed, left out: {e:#}");
             None
         }
+    };
+    // The tunnel over IPv6, against the raw IPv6 path.
+    let results_v6 = if args.ipv6 {
+        println!("\nbench: IPv6 uplink: daemons restarted, the client reaching the server at {}", topo::SRV_UPLINK6);
+        t.restart_daemons(&args.xdp_mode, args.busy_poll, "-ipv6", true)
+            .context("bench: restarting the daemons for IPv6")?;
+        rr::measure(&t.names.cli, tun_rr, Duration::from_millis(200)).with_context(|| {
+            format!(
+                "bench: no TCP through the tunnel over IPv6 (an XDP gate that holds IPv4 peers only \
+                 refuses IPv6 ones: try --xdp-mode off); the server's log:\n{}",
+                t.server.as_ref().map(|p| p.log_tail(10)).unwrap_or_default()
+            )
+        })?;
+        // Version 1: the warm-up's first datagram made the server's entry.
+        let status = t.status_text(true)?;
+        let peer = format!("peer [{}]:{}", topo::CLI_UPLINK6, topo::DAEMON_PORT);
+        if !status.contains(&peer) {
+            bail!("bench: the tunnel does not go over IPv6: the server has no entry {peer}:\n{status}");
+        }
+        let res = throughput(&mut t, topo::SRV_RAW6, runs, seconds)?;
+        let status = t.status_text(true)?;
+        if status.lines().filter(|l| l.starts_with("peer ")).count() != 1 {
+            bail!("bench: the IPv6 runs went over another path than {peer}:\n{status}");
+        }
+        res
+    } else {
+        Vec::new()
     };
     let mut counters = Vec::new();
     for (who, a, b) in [
@@ -307,6 +324,7 @@ fn run(args: &BenchArgs) -> Result<()> {
         seconds,
         rr_seconds,
         cases: results,
+        cases_v6: results_v6,
         rr_tunnel,
         rr_raw,
         rr_busy,
@@ -331,6 +349,31 @@ fn run(args: &BenchArgs) -> Result<()> {
         res.wall.as_secs_f64()
     );
     Ok(())
+}
+
+/// Every case `runs` times through the tunnel (to the server's IPv4 uplink
+/// address, over whatever family the client's path has) and raw (to
+/// `raw_addr`), alternated.
+fn throughput(t: &mut Topology, raw_addr: &str, runs: u32, seconds: u32) -> Result<Vec<(Case, CaseResult)>> {
+    let mut results: Vec<(Case, CaseResult)> = CASES.iter().map(|c| (*c, CaseResult::default())).collect();
+    for round in 1..=runs {
+        for (case, res) in results.iter_mut() {
+            let tun = iperf(t, topo::SRV_UPLINK, *case, seconds, true)?;
+            let raw = iperf(t, raw_addr, *case, seconds, false)?;
+            let cpu_gb = tun.cpu.map_or(f64::NAN, |(s, c)| (s + c) / (tun.bytes as f64 / 1e9));
+            println!(
+                "  run {round}/{runs}  {:<34} tunnel {:>7.3} Gbit/s ({cpu_gb:.1} CPU s/GB)  raw {:>7.3} Gbit/s  retransmits {}/{}",
+                case.label(),
+                tun.gbps,
+                raw.gbps,
+                tun.retransmits,
+                raw.retransmits
+            );
+            res.tunnel.push(tun);
+            res.raw.push(raw);
+        }
+    }
+    Ok(results)
 }
 
 /// `runs` rounds of request/response, `seconds` each, through the tunnel

@@ -44,6 +44,7 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("dpkg-dev", "dpkg-shlibdeps: cargo-deb works out the package's dependencies"),
     ("systemd", "systemd-analyze verify on the packaged unit (the tests need not run systemd)"),
     ("prometheus", "a real Prometheus scraping --metrics-listen in the metrics test"),
+    ("tayga", "a real NAT64 between an IPv6-only client and an IPv4-only server (tests/ipv6_netns.rs)"),
 ];
 
 /// The bpf-linker release checked with LLVM 22 and Rust 1.95 (TOOLCHAIN.md).
@@ -70,6 +71,42 @@ pub fn ensure() -> Result<()> {
     cargo_deb()?;
     kernel()?;
     Ok(())
+}
+
+/// Keeps the packages' services from starting while they install: tayga's
+/// would make a `nat64` device with 192.168.255.1 and NAT44 on this host
+/// (its /etc/tayga.conf), prometheus's would listen on port 9090; the tests
+/// run their own copies inside namespaces. A `policy-rc.d` answering 101
+/// ("action forbidden") for the length of the install, as Debian's
+/// invoke-rc.d and deb-systemd-invoke honour it; removed on drop. Where one
+/// exists already (containers have one), it is left alone.
+struct NoServiceStarts(Option<&'static Path>);
+
+impl NoServiceStarts {
+    const PATH: &'static str = "/usr/sbin/policy-rc.d";
+
+    fn new() -> Result<NoServiceStarts> {
+        let p = Path::new(Self::PATH);
+        if p.exists() {
+            return Ok(NoServiceStarts(None));
+        }
+        std::fs::write(p, "#!/bin/sh\n# cargo xtask deps: no service starts during its install\nexit 101\n")
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
+        println!("deps: apt: services are not started during the install ({} for its length)", p.display());
+        Ok(NoServiceStarts(Some(p)))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(p) = self.0
+            && let Err(e) = std::fs::remove_file(p)
+        {
+            eprintln!("deps: cannot remove {} ({e}): remove it by hand, or services will not start on installs", p.display());
+        }
+    }
 }
 
 fn apt_packages() -> Result<()> {
@@ -110,6 +147,7 @@ fn apt_packages() -> Result<()> {
     })?;
     let mut install = apt(&["install", "-y", "--no-install-recommends"]);
     install.args(&missing);
+    let _no_services = NoServiceStarts::new()?;
     run(&mut install).with_context(|| format!("apt-get install failed (see apt's message above); fix it, then run: {by_hand}"))?;
     let still = missing_packages()?;
     if !still.is_empty() {

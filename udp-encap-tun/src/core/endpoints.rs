@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use super::mtu::Families;
+
 #[derive(Debug, Clone, Default)]
 pub struct Endpoints {
     port: u16,
@@ -39,6 +41,17 @@ impl Endpoints {
     /// Whether any server is reached over IPv6.
     pub fn uses_ipv6(&self) -> bool {
         !self.map.is_empty() || self.nat64.is_some()
+    }
+
+    /// The families the client's socket needs: with a NAT64 prefix every
+    /// server is reached over IPv6; with explicit addresses only, the
+    /// others stay IPv4.
+    pub fn families(&self) -> Families {
+        match (self.nat64.is_some(), self.map.is_empty()) {
+            (true, _) => Families::V6,
+            (false, false) => Families::Both,
+            (false, true) => Families::V4,
+        }
     }
 
     /// Where the datagrams for `server` go.
@@ -91,6 +104,7 @@ mod tests {
         let other: Ipv4Addr = "198.18.0.1".parse().unwrap();
         let e = Endpoints::new(12345, &[], None);
         assert!(!e.uses_ipv6());
+        assert_eq!(e.families(), Families::V4);
         assert_eq!(e.path(s4), "192.0.2.1:12345".parse().unwrap());
         assert_eq!(e.server_of("192.0.2.1:12345".parse().unwrap()), Some(s4));
         assert_eq!(e.server_of("192.0.2.1:999".parse().unwrap()), None);
@@ -99,6 +113,7 @@ mod tests {
         // An explicit IPv6 address for one server; the others stay IPv4.
         let e = Endpoints::new(12345, &[(s4, "2001:db8::10".parse().unwrap())], None);
         assert!(e.uses_ipv6());
+        assert_eq!(e.families(), Families::Both, "the other servers stay IPv4");
         assert_eq!(e.path(s4), "[2001:db8::10]:12345".parse().unwrap());
         assert_eq!(e.path(other), "198.18.0.1:12345".parse().unwrap());
         assert_eq!(e.server_of("[2001:db8::10]:12345".parse().unwrap()), Some(s4));
@@ -106,6 +121,7 @@ mod tests {
 
         // RFC 6052: 192.0.2.1 in 2001:db8:64::/96 is 2001:db8:64::c000:201.
         let e = Endpoints::new(12345, &[], Some("2001:db8:64::".parse().unwrap()));
+        assert_eq!(e.families(), Families::V6, "every server through the prefix");
         assert_eq!(e.path(s4), "[2001:db8:64::c000:201]:12345".parse().unwrap());
         assert_eq!(e.server_of("[2001:db8:64::c000:201]:12345".parse().unwrap()), Some(s4));
         assert_eq!(e.server_of("[2001:db8:65::c000:201]:12345".parse().unwrap()), None);

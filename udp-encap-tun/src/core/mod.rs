@@ -30,6 +30,7 @@
 pub mod authq;
 pub mod endpoints;
 pub mod gro;
+pub mod mtu;
 pub mod ratelog;
 pub mod session;
 pub mod store;
@@ -44,6 +45,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use self::endpoints::Endpoints;
+use self::mtu::{MaxMss, PathMtu};
 use self::session::{SessionId, client, server, wire as control_wire};
 use self::store::{ConnectionStore, Entry, Upsert};
 use self::wire::IPV4_HEADER_LEN;
@@ -51,9 +53,6 @@ use crate::counters::{Counters, Discard, Traffic};
 
 /// Free bytes a receive buffer keeps before a datagram's payload.
 pub const HEADROOM: usize = IPV4_HEADER_LEN;
-
-/// TCP/IPv4 headers without options: what the MSS leaves out of the MTU.
-const TCP_IP_HEADERS: u16 = 40;
 
 /// Where the store's entries are mirrored (the XDP maps of allowed peers
 /// and sessions).
@@ -160,7 +159,8 @@ pub enum Role {
 
 pub struct Core {
     tun_addr: Ipv4Addr,
-    max_mss: u16,
+    /// Per outer family of the peer's path (mtu.rs).
+    max_mss: MaxMss,
     ip_id: u16,
     role: Role,
     counters: Arc<Counters>,
@@ -188,12 +188,13 @@ impl Default for PeerLogs {
 }
 
 impl Core {
-    /// `path_mtu`: the largest inner IPv4 packet that fits the path, i.e.
-    /// min(TUN MTU, uplink MTU - outer headers).
-    pub fn new(tun_addr: Ipv4Addr, path_mtu: u16, role: Role, counters: Arc<Counters>) -> Core {
+    /// `path_mtu`: the largest inner IPv4 packet that fits a path over
+    /// IPv4 and over IPv6 (mtu.rs); SYNs to and from a peer are clamped
+    /// for the family of its address.
+    pub fn new(tun_addr: Ipv4Addr, path_mtu: PathMtu, role: Role, counters: Arc<Counters>) -> Core {
         Core {
             tun_addr,
-            max_mss: path_mtu.saturating_sub(TCP_IP_HEADERS).max(536),
+            max_mss: path_mtu.max_mss(),
             ip_id: 0,
             role,
             counters,
@@ -212,7 +213,8 @@ impl Core {
         Role::Client { endpoints, auth, sessions: client::Sessions::new(keepalive) }
     }
 
-    pub fn max_mss(&self) -> u16 {
+    /// The MSS clamp of IPv4 and of IPv6 paths.
+    pub fn max_mss(&self) -> MaxMss {
         self.max_mss
     }
 
@@ -260,7 +262,7 @@ impl Core {
         let Some(seg) = pkt.get_mut(t.segment.clone()) else {
             return self.discard(Discard::Malformed);
         };
-        if wire::clamp_mss(seg, self.max_mss) {
+        if wire::clamp_mss(seg, self.max_mss.for_peer(&to)) {
             self.counters.add(Traffic::MssClamped, 1);
         }
         if wire::rehome_checksum(seg, t.src, t.dst, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED)
@@ -293,7 +295,7 @@ impl Core {
             return self.discard(Discard::Malformed);
         };
         // TSO never carries a SYN, but the check costs nothing.
-        if wire::clamp_mss(seg, self.max_mss) {
+        if wire::clamp_mss(seg, self.max_mss.for_peer(&to)) {
             self.counters.add(Traffic::MssClamped, 1);
         }
         let Some(count) = tso::split_wire(seg, gso_size, hdrs) else {
@@ -374,7 +376,7 @@ impl Core {
             return self.discard(reason);
         }
         let inner_src = self.resolve_peer(src, now, gate)?;
-        self.rewrite_for_tun(seg, inner_src)?;
+        self.rewrite_for_tun(seg, inner_src, self.max_mss.for_peer(&src))?;
         self.counters.add(Traffic::UdpRxPackets, 1);
         self.counters.add(Traffic::UdpRxBytes, seg.len() as u64);
         Ok(inner_src)
@@ -399,6 +401,7 @@ impl Core {
         controls: &mut Vec<Range<usize>>,
     ) -> Option<Ipv4Addr> {
         let mut inner = None;
+        let max_mss = self.max_mss.for_peer(&src);
         let (mut packets, mut bytes) = (0u64, 0u64);
         let mut at = 0;
         while at < train.len() {
@@ -423,7 +426,7 @@ impl Core {
                     Err(_) => continue,
                 },
             };
-            if self.rewrite_for_tun(seg, addr).is_err() {
+            if self.rewrite_for_tun(seg, addr, max_mss).is_err() {
                 continue;
             }
             packets += 1;
@@ -460,10 +463,11 @@ impl Core {
     }
 
     /// A checked segment from `inner_src`, rewritten in place for the TUN:
-    /// MSS clamped, checksum moved from the wire form to the pseudo-header
-    /// (`inner_src`, TUN address).
-    fn rewrite_for_tun(&mut self, seg: &mut [u8], inner_src: Ipv4Addr) -> Result<(), Discard> {
-        if wire::clamp_mss(seg, self.max_mss) {
+    /// MSS clamped to `max_mss` (the family of the path it came by),
+    /// checksum moved from the wire form to the pseudo-header (`inner_src`,
+    /// TUN address).
+    fn rewrite_for_tun(&mut self, seg: &mut [u8], inner_src: Ipv4Addr, max_mss: u16) -> Result<(), Discard> {
+        if wire::clamp_mss(seg, max_mss) {
             self.counters.add(Traffic::MssClamped, 1);
         }
         let zero = Ipv4Addr::UNSPECIFIED;
@@ -744,12 +748,12 @@ mod tests {
     fn server(auth: bool, timeout: Duration) -> Core {
         let pool = Pool::new(Ipv4Addr::new(198, 18, 0, 0), 24, &[SERVER_TUN]).unwrap();
         let store = ConnectionStore::new(pool, timeout, 7);
-        Core::new(SERVER_TUN, 1400, Core::server(store, auth, 8, Duration::from_secs(10)), Arc::default())
+        Core::new(SERVER_TUN, PathMtu::new(1400, 1500), Core::server(store, auth, 8, Duration::from_secs(10)), Arc::default())
     }
 
     fn client(auth: bool) -> Core {
         let endpoints = Endpoints::new(12345, &[], None);
-        Core::new(CLIENT_TUN, 1400, Core::client(endpoints, auth, Duration::from_secs(25)), Arc::default())
+        Core::new(CLIENT_TUN, PathMtu::new(1400, 1500), Core::client(endpoints, auth, Duration::from_secs(25)), Arc::default())
     }
 
     fn tun_range(r: Result<FromUdp, Discard>) -> Result<Range<usize>, Discard> {
@@ -823,6 +827,77 @@ mod tests {
         let mut b = vec![0u8; HEADROOM];
         b.extend_from_slice(payload);
         b
+    }
+
+    /// [`tcp_packet`]'s segment as it crosses the wire: the checksum over
+    /// zero addresses.
+    fn wire_segment(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+        let mut seg = tcp_packet(src, dst)[20..].to_vec();
+        let zero = Ipv4Addr::UNSPECIFIED;
+        wire::rehome_checksum(&mut seg, src, dst, zero, zero).unwrap();
+        seg
+    }
+
+    /// The MSS option of a SYN segment laid out as [`tcp_packet`] writes it.
+    fn mss_of(seg: &[u8]) -> u16 {
+        assert_eq!(&seg[20..22], &[2, 4], "an MSS option at the start of the options");
+        u16::from_be_bytes([seg[22], seg[23]])
+    }
+
+    /// A 1500-byte uplink and a TUN of 1492 (uplink - 8): SYNs to and from an
+    /// IPv4 peer are clamped to 1500 - 48, to and from an IPv6 peer to
+    /// 1500 - 68, each by the family of that peer's path.
+    #[test]
+    fn server_clamps_the_mss_per_peer_family() {
+        let now = Instant::now();
+        let pool = Pool::new(Ipv4Addr::new(198, 18, 0, 0), 24, &[SERVER_TUN]).unwrap();
+        let store = ConnectionStore::new(pool, Duration::from_secs(300), 7);
+        let mut s = Core::new(SERVER_TUN, PathMtu::new(1492, 1500), Core::server(store, false, 8, Duration::from_secs(10)), Arc::default());
+        assert_eq!(s.max_mss(), MaxMss { v4: 1452, v6: 1432 });
+        let mut g = gate(10);
+        let v6: SocketAddr = "[2001:db8::2]:40000".parse().unwrap();
+        for (peer, want) in [(PEER, 1452), (v6, 1432)] {
+            // In: the peer's SYN (MSS 1460) reaches the TUN clamped.
+            let seg = &wire_segment(CLIENT_TUN, SERVER_REAL);
+            let mut buf = datagram(seg);
+            let r = tun_range(s.from_udp(peer, &mut buf, seg.len(), now, &mut g)).unwrap();
+            assert_eq!(mss_of(&buf[r.start + 20..r.end]), want, "SYN from {peer}");
+            let generated = s.store().unwrap().by_peer(peer).unwrap();
+            assert!(tcp_valid(generated, SERVER_TUN, &buf[r.start + 20..r.end]), "checksum after the clamp");
+            // Out: the server's SYN-ACK to that peer leaves clamped.
+            let mut reply = tcp_packet(SERVER_TUN, generated);
+            let FromTun::Send { to, payload } = s.from_tun(&mut reply, now).unwrap() else { panic!() };
+            assert_eq!(to, peer);
+            assert_eq!(mss_of(&reply[payload.clone()]), want, "SYN to {peer}");
+            assert!(tcp_valid(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &reply[payload]));
+        }
+        assert_eq!(s.counters().traffic(Traffic::MssClamped), 4);
+    }
+
+    /// A client with one server over IPv6 (`--endpoint-v6`) and one over
+    /// IPv4 clamps per server path, in both directions.
+    #[test]
+    fn client_clamps_the_mss_per_server_path() {
+        let now = Instant::now();
+        let other = Ipv4Addr::new(198, 51, 100, 1);
+        let endpoints = Endpoints::new(12345, &[(SERVER_REAL, "2001:db8::1".parse().unwrap())], None);
+        let mut c = Core::new(CLIENT_TUN, PathMtu::new(1492, 1500), Core::client(endpoints, false, Duration::from_secs(25)), Arc::default());
+        let mut g = gate(10);
+        for (server, path, want) in [
+            (SERVER_REAL, "[2001:db8::1]:12345".parse::<SocketAddr>().unwrap(), 1432),
+            (other, SocketAddr::from((other, 12345)), 1452),
+        ] {
+            let mut syn = tcp_packet(CLIENT_TUN, server);
+            let FromTun::Send { to, payload } = c.from_tun(&mut syn, now).unwrap() else { panic!() };
+            assert_eq!(to, path);
+            assert_eq!(mss_of(&syn[payload]), want, "SYN to {path}");
+            let seg = &wire_segment(server, CLIENT_TUN);
+            let mut buf = datagram(seg);
+            let r = tun_range(c.from_udp(path, &mut buf, seg.len(), now, &mut g)).unwrap();
+            let out = &buf[r];
+            assert_eq!(wire::parse_ipv4_tcp(out).unwrap().src, server, "the server's IPv4 address, not its path");
+            assert_eq!(mss_of(&out[20..]), want, "SYN from {path}");
+        }
     }
 
     #[test]
@@ -1101,7 +1176,7 @@ mod tests {
 
         // A pool of 5 and room in the gate: the pool runs out.
         let pool = Pool::new(Ipv4Addr::new(198, 18, 0, 0), 29, &[Ipv4Addr::new(198, 18, 0, 1)]).unwrap();
-        let mut s = Core::new(SERVER_TUN, 1400, Core::server(ConnectionStore::new(pool, Duration::from_secs(300), 7), false, 8, Duration::from_secs(10)), Arc::default());
+        let mut s = Core::new(SERVER_TUN, PathMtu::new(1400, 1500), Core::server(ConnectionStore::new(pool, Duration::from_secs(300), 7), false, 8, Duration::from_secs(10)), Arc::default());
         let mut g = gate(100_000);
         flood(&mut s, &mut g, 1 << 16);
         assert_eq!(s.counters().discards(Discard::PoolFull), 4995);

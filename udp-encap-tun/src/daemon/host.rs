@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result, bail};
 
 use crate::cli::RunArgs;
+use crate::core::mtu::{self, Families, PathMtu};
 use crate::edge::netdev;
 
 /// What the daemon found out about the host at start.
@@ -16,6 +17,8 @@ pub struct Host {
     pub tun_addrs: Vec<Ipv4Addr>,
     pub tun_mtu: u32,
     pub uplink_mtu: u32,
+    /// What the UDP socket carries, once it is open.
+    pub families: Families,
 }
 
 /// Checks the interfaces and says how to fix what is wrong.
@@ -46,29 +49,62 @@ pub fn inspect_host(args: &RunArgs) -> Result<Host> {
     }
     let tun_mtu = netdev::mtu(tun).with_context(|| format!("cannot read the MTU of {tun}"))?;
     let uplink_mtu = netdev::mtu(up).with_context(|| format!("cannot read the MTU of {up}"))?;
-    if tun_mtu.saturating_add(8) > uplink_mtu {
-        log::warn!(
-            "the MTU of {tun} ({tun_mtu}) is more than the MTU of {up} ({uplink_mtu}) minus 8: \
-             a full-size packet would not fit one datagram. Set `ip link set {tun} mtu {}`. \
-             Until then TCP segments are clamped to fit (MSS {}).",
-            uplink_mtu.saturating_sub(8),
-            uplink_mtu.saturating_sub(8 + 40),
-        );
-    }
     Ok(Host {
         tun_addr,
         tun_prefix,
         tun_addrs: addrs.iter().map(|(a, _)| *a).collect(),
         tun_mtu,
         uplink_mtu,
+        families: Families::V4,
     })
 }
 
 impl Host {
-    /// The largest inner IPv4 packet that fits the path: min(TUN MTU,
-    /// uplink MTU - 8).
-    pub fn path_mtu(&self) -> u16 {
-        let m = self.tun_mtu.min(self.uplink_mtu.saturating_sub(8));
-        u16::try_from(m).unwrap_or(u16::MAX)
+    /// The largest inner IPv4 packet that fits a path over IPv4 (min(TUN
+    /// MTU, uplink MTU - 8)) and over IPv6 (uplink MTU - 28).
+    pub fn path_mtu(&self) -> PathMtu {
+        PathMtu::new(self.tun_mtu, self.uplink_mtu)
+    }
+
+    /// Says at start when the TUN MTU is more than a path of the families
+    /// in use carries (SPEC decisions 6 and 12): TCP is clamped to fit, but
+    /// anything else full-size would not fit one datagram.
+    pub fn check_mtu(&self, args: &RunArgs, families: Families) {
+        let (tun, up) = (&args.interface, &args.bind_to_interface);
+        let (tun_mtu, uplink_mtu) = (self.tun_mtu, self.uplink_mtu);
+        let mss = self.path_mtu().max_mss();
+        // The TUN MTU a path carries whole: the uplink's less the outer
+        // headers, plus the inner IPv4 header that does not cross.
+        let fix = |outer: u32| uplink_mtu.saturating_sub(outer - 20);
+        let (v4_fits, v6_fits) = (tun_mtu <= fix(mtu::OUTER_V4), tun_mtu <= fix(mtu::OUTER_V6));
+        if families.v4() && !v4_fits {
+            log::warn!(
+                "the MTU of {tun} ({tun_mtu}) is more than the MTU of {up} ({uplink_mtu}) minus 8: \
+                 a full-size packet would not fit one datagram. Set `ip link set {tun} mtu {}`. \
+                 Until then TCP segments are clamped to fit (MSS {}).",
+                fix(mtu::OUTER_V4),
+                mss.v4,
+            );
+        }
+        if families.v6() && !v6_fits {
+            if args.is_client() {
+                // Its paths are ours to size: the TUN should fit them.
+                log::warn!(
+                    "the MTU of {tun} ({tun_mtu}) is more than the MTU of {up} ({uplink_mtu}) minus 28, \
+                     what a datagram over IPv6 carries (its header is 20 bytes longer): segments to \
+                     servers over IPv6 are clamped to MSS {}. `ip link set {tun} mtu {}` avoids it.",
+                    mss.v6,
+                    fix(mtu::OUTER_V6),
+                );
+            } else {
+                // A server's TUN serves IPv4 peers too: expected, not a fault.
+                log::info!(
+                    "IPv6 peers: their segments are clamped to MSS {} (IPv4 peers {}), as a datagram \
+                     over IPv6 carries 20 bytes less",
+                    mss.v6,
+                    mss.v4,
+                );
+            }
+        }
     }
 }

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
 use crate::core::endpoints::Endpoints;
+use crate::core::mtu::Families;
 use crate::core::ratelog::RateLimitedLog;
 use crate::core::{Core, Ended};
 use crate::core::store::{ConnectionStore, Pool};
@@ -75,7 +76,7 @@ fn build_core(args: &RunArgs, host: &Host, counters: Arc<Counters>) -> Result<Co
 pub async fn run(args: RunArgs) -> Result<()> {
     let auth_mode = crate::auth::auth_mode_from_args(&args).map_err(|e| anyhow!("{e}"))?;
     let created_tun = service::make_tun(&args)?;
-    let host = inspect_host(&args)?;
+    let mut host = inspect_host(&args)?;
     let counters = Arc::new(Counters::default());
     let mut core = build_core(&args, &host, counters.clone())?;
     let status_listener = control::bind(&args.interface)?;
@@ -83,10 +84,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Some(t) => t,
         None => tun::open(&args.interface)?,
     };
+    // A server serves both families where the host has IPv6; a client opens
+    // what its servers' paths need.
+    let want = match args.endpoint_port {
+        Some(port) => Endpoints::new(port, &args.endpoint_v6, args.nat64_prefix).families(),
+        None => Families::Both,
+    };
+    let (sock, families) = udp::open(args.listen_port, &args.bind_to_interface, want)?;
+    host.families = families;
+    host.check_mtu(&args, families);
     if offload {
-        tun::limit_super_segments(&args.interface, host.path_mtu());
+        tun::limit_super_segments(&args.interface, host.path_mtu().largest(families));
     }
-    let udp = BatchUdp::new(udp::open(args.listen_port, &args.bind_to_interface)?, counters.clone());
+    let udp = BatchUdp::new(sock, counters.clone());
     let mut gate = gate::open(&args)?;
     // The saved sessions go into the core and the gate before the loop
     // reads its first datagram.
@@ -102,7 +112,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
 
     log::info!(
-        "{} on {} ({}/{}, MTU {}), UDP port {} on {} (MTU {}), MSS clamp {}, entry timeout {:?}{}",
+        "{} on {} ({}/{}, MTU {}), UDP port {} on {} (MTU {}, {}), MSS clamp {} (IPv4) {} (IPv6), entry timeout {:?}{}",
         if args.is_client() { "client" } else { "server" },
         args.interface,
         host.tun_addr,
@@ -111,7 +121,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         args.listen_port,
         args.bind_to_interface,
         host.uplink_mtu,
-        core.max_mss(),
+        match families {
+            Families::V4 => "IPv4",
+            Families::V6 => "IPv6",
+            Families::Both => "IPv4 and IPv6",
+        },
+        core.max_mss().v4,
+        core.max_mss().v6,
         args.entry_timeout,
         if args.is_client() { format!(", keepalive {:?}", args.keepalive) } else { String::new() },
     );

@@ -25,7 +25,11 @@ pub fn make_tun(args: &RunArgs) -> Result<Option<(tun_rs::AsyncDevice, bool)>> {
             let uplink = netdev::mtu(up).map_err(|e| {
                 anyhow!("uplink interface {up} (--bind-to-interface): {e}; `ip link` lists the interfaces")
             })?;
-            u16::try_from(uplink.saturating_sub(8)).unwrap_or(u16::MAX)
+            // What a datagram carries: uplink - 8 over IPv4; over IPv6, for
+            // a client whose servers are all reached that way, 20 less.
+            let v6_only = args.endpoint_port.is_some() && args.nat64_prefix.is_some();
+            let mtu = crate::core::mtu::PathMtu::new(u32::MAX, uplink);
+            if v6_only { mtu.v6 } else { mtu.v4 }
         }
     };
     let dev = tun::create(&args.interface, cidr.addr, cidr.prefix, mtu)?;

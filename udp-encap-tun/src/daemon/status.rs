@@ -9,6 +9,7 @@ use super::gate::Gate;
 use super::host::Host;
 use crate::cli::RunArgs;
 use crate::core::Core;
+use crate::core::mtu::Families;
 use crate::edge::batch::BatchUdp;
 use crate::report::{self, Report};
 
@@ -94,7 +95,16 @@ pub fn report(
         uplink: report::Uplink { name: args.bind_to_interface.clone(), mtu: host.uplink_mtu },
         listen_port: args.listen_port,
         endpoint_port: args.endpoint_port,
-        max_mss: core.max_mss(),
+        max_mss: core.max_mss().v4,
+        max_mss_ipv6: host.families.v6().then_some(core.max_mss().v6),
+        families: Some(
+            match host.families {
+                Families::V4 => "ipv4",
+                Families::V6 => "ipv6",
+                Families::Both => "ipv4+ipv6",
+            }
+            .to_string(),
+        ),
         offloads: report::Offloads { tun: tun_offload, udp_gso: udp.gso(), udp_gro: udp.gro() },
         uptime_seconds: now.saturating_duration_since(started).as_secs(),
         pool: core.store().map(|s| report::PoolInfo {

@@ -47,7 +47,8 @@ use crate::counters::{Counters, Traffic};
 pub const MAX_GSO_SEGMENTS: usize = 64;
 // One GRO train is one run of gro.rs: the two bounds are the same kernel limit.
 const _: () = assert!(MAX_GSO_SEGMENTS == crate::core::gro::MAX_RUN);
-/// A GSO train must fit one IPv4 packet's length field.
+/// A GSO train must fit one IPv4 packet's length field (an IPv6 payload
+/// length allows 20 bytes more: this fits both).
 pub const MAX_GSO_BYTES: usize = 65_000;
 
 pub struct BatchUdp {
@@ -167,7 +168,7 @@ impl BatchUdp {
                         1,
                         std::time::Instant::now(),
                         "UDP GSO send to {to} refused for its size ({e}): sending its {} datagrams of {seg_len} bytes \
-                         one by one (is the uplink MTU below the TUN MTU + 28?)",
+                         one by one (is the uplink MTU below the TUN MTU + 28, + 48 over IPv6?)",
                         segs.len().div_ceil(per)
                     );
                 }

@@ -162,21 +162,48 @@ impl Drop for ArtifactDir {
 // ---------------------------------------------------------------- namespaces
 
 /// A network namespace `/run/netns/uet-TAG-ID` with `lo` up and IPv6 off
-/// (so captures only see what the test sends). Drop deletes it.
+/// (so captures only see what the test sends), or on ([`Netns::with_ipv6`]).
+/// Drop deletes it.
 pub struct Netns {
     name: String,
 }
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
+        let ns = Netns::create(tag);
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+        ns
+    }
+
+    /// A namespace that keeps IPv6 on, for IPv6 uplinks. Links get no
+    /// autoconfiguration and no DAD (`accept_ra` 0, `accept_dad` 0, no
+    /// router solicitations), so addresses are usable at once and captures
+    /// see little besides what the test sends; add addresses with `nodad`
+    /// ([`Netns::addr_add6`]). Neighbour discovery still runs, as on any
+    /// IPv6 link.
+    pub fn with_ipv6(tag: &str) -> Netns {
+        let ns = Netns::create(tag);
+        for k in ["all", "default"] {
+            ns.sysctl(&format!("net.ipv6.conf.{k}.accept_ra"), "0");
+            ns.sysctl(&format!("net.ipv6.conf.{k}.accept_dad"), "0");
+            ns.sysctl(&format!("net.ipv6.conf.{k}.router_solicitations"), "0");
+        }
+        ns
+    }
+
+    fn create(tag: &str) -> Netns {
         require_root();
         let name = format!("uet-{tag}-{}", unique_id());
         run_cmd(Command::new("ip").args(["netns", "add", &name]));
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"]);
-        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
         ns
+    }
+
+    /// `ip addr add CIDR dev DEV nodad` (IPv6: usable at once).
+    pub fn addr_add6(&self, dev: &str, cidr: &str) {
+        self.ip(&["addr", "add", cidr, "dev", dev, "nodad"]);
     }
 
     pub fn name(&self) -> &str {
@@ -549,8 +576,9 @@ pub fn daemon_args(
 pub struct Status {
     pub mode: Option<String>,
     pub counters: HashMap<String, u64>,
-    /// Server: (real peer, generated address), one per connection_store entry.
-    pub peers: Vec<(SocketAddrV4, Ipv4Addr)>,
+    /// Server: (real peer, generated address), one per connection_store
+    /// entry; an IPv6 peer reads `[2001:db8::2]:40000`.
+    pub peers: Vec<(SocketAddr, Ipv4Addr)>,
     pub raw: String,
 }
 
@@ -573,7 +601,7 @@ impl Status {
                 }
                 Some("peer") => {
                     if let (Some(Ok(real)), Some(Ok(generated))) = (
-                        w.next().map(str::parse::<SocketAddrV4>),
+                        w.next().map(str::parse::<SocketAddr>),
                         w.next().map(str::parse::<Ipv4Addr>),
                     ) {
                         st.peers.push((real, generated));
@@ -596,6 +624,22 @@ impl Status {
 
     pub fn generated(&self) -> Vec<Ipv4Addr> {
         self.peers.iter().map(|p| p.1).collect()
+    }
+
+    /// The generated address of the entry whose real peer is `peer`.
+    pub fn generated_for(&self, peer: impl Into<SocketAddr>) -> Option<Ipv4Addr> {
+        let peer = peer.into();
+        self.peers.iter().find(|p| p.0 == peer).map(|p| p.1)
+    }
+
+    /// The `max_mss_ipv6` line, if the daemon's socket carries IPv6.
+    pub fn max_mss_ipv6(&self) -> Option<u16> {
+        self.line_value("max_mss_ipv6")
+    }
+
+    /// The value after `KEY ` on the first line that starts so.
+    pub fn line_value<T: std::str::FromStr>(&self, key: &str) -> Option<T> {
+        self.raw.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
     }
 }
 

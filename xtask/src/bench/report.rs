@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use super::{CaseResult, Results, Run};
+use super::{Case, CaseResult, Results, Run};
 
 pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
@@ -84,25 +84,14 @@ fn fmt_median_range(v: &[f64]) -> String {
     format!("{} ({}–{})", fmt_g(median(v)), fmt_g(lo), fmt_g(hi))
 }
 
-pub fn markdown(r: &Results) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "Machine:\n");
-    for (k, v) in &r.facts {
-        let _ = writeln!(s, "- {k}: {v}");
-    }
+/// One row per case: medians, ratio, CPU, retransmits.
+fn throughput_table(s: &mut String, cases: &[(Case, CaseResult)], raw_label: &str) {
     let _ = writeln!(
         s,
-        "\nThroughput: iperf3, {} runs of {} s per case and path, tunnel and raw alternated; \
-         median (min–max) in Gbit/s. tunnel / raw: median over median, and in brackets the lowest \
-         and highest ratio of two runs made back to back. CPU: utime+stime of both daemons per 10^9 bytes moved.\n",
-        r.runs, r.seconds
-    );
-    let _ = writeln!(
-        s,
-        "| case | tunnel Gbit/s | raw veth Gbit/s | tunnel / raw | daemons' CPU s/GB (server + client) | retransmits/run tunnel / raw |"
+        "| case | tunnel Gbit/s | {raw_label} | tunnel / raw | daemons' CPU s/GB (server + client) | retransmits/run tunnel / raw |"
     );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
-    for (case, cr) in &r.cases {
+    for (case, cr) in cases {
         let (t, w) = (gbps(&cr.tunnel), gbps(&cr.raw));
         let (cpu, cs, cc) = cpu_per_gb(cr);
         let pairs = minmax(&pair_ratios(&t, &w));
@@ -129,6 +118,31 @@ pub fn markdown(r: &Results) -> String {
             retr(&cr.tunnel),
             retr(&cr.raw)
         );
+    }
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "Machine:\n");
+    for (k, v) in &r.facts {
+        let _ = writeln!(s, "- {k}: {v}");
+    }
+    let _ = writeln!(
+        s,
+        "\nThroughput: iperf3, {} runs of {} s per case and path, tunnel and raw alternated; \
+         median (min–max) in Gbit/s. tunnel / raw: median over median, and in brackets the lowest \
+         and highest ratio of two runs made back to back. CPU: utime+stime of both daemons per 10^9 bytes moved.\n",
+        r.runs, r.seconds
+    );
+    throughput_table(&mut s, &r.cases, "raw veth Gbit/s");
+    if !r.cases_v6.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nIPv6 uplink (--ipv6): the same cases with the client reaching the server over the uplink \
+             veth's IPv6 addresses (--endpoint-v6; the inner traffic stays IPv4), against raw TCP over the \
+             other veth's IPv6 addresses, alternated the same way, after the IPv4 cases above.\n"
+        );
+        throughput_table(&mut s, &r.cases_v6, "raw IPv6 veth Gbit/s");
     }
     let (t50, t99) = (
         percentile(&r.rr_tunnel, 50.0) / 1e3,
@@ -247,7 +261,7 @@ pub fn batching(r: &Results) -> Vec<Batching> {
         .collect()
 }
 
-pub fn json(r: &Results) -> Value {
+fn throughput_json(cases: &[(Case, CaseResult)]) -> Vec<Value> {
     let run = |x: &Run| {
         json!({
             "gbit_per_s": x.gbps,
@@ -256,8 +270,7 @@ pub fn json(r: &Results) -> Value {
             "daemon_cpu_s": x.cpu.map(|(s, c)| json!({"server": s, "client": c})),
         })
     };
-    let cases: Vec<Value> = r
-        .cases
+    cases
         .iter()
         .map(|(c, cr)| {
             let (t, w) = (gbps(&cr.tunnel), gbps(&cr.raw));
@@ -276,7 +289,11 @@ pub fn json(r: &Results) -> Value {
                 "raw_runs": cr.raw.iter().map(run).collect::<Vec<_>>(),
             })
         })
-        .collect();
+        .collect()
+}
+
+pub fn json(r: &Results) -> Value {
+    let cases = throughput_json(&r.cases);
     let lat = |v: &[u64]| {
         json!({
             "round_trips": v.len(),
@@ -290,6 +307,7 @@ pub fn json(r: &Results) -> Value {
         "machine": r.facts.iter().map(|(k, v)| (k.clone(), Value::from(v.clone()))).collect::<serde_json::Map<_, _>>(),
         "settings": {"runs": r.runs, "seconds": r.seconds, "rr_seconds": r.rr_seconds, "rr_message_bytes": super::rr::MSG},
         "throughput": cases,
+        "throughput_ipv6": throughput_json(&r.cases_v6),
         "latency": {
             "tunnel": lat(&r.rr_tunnel),
             "raw": lat(&r.rr_raw),

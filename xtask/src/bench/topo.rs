@@ -214,6 +214,12 @@ pub const SRV_UPLINK: &str = "192.0.2.1";
 pub const CLI_UPLINK: &str = "192.0.2.2";
 pub const SRV_RAW: &str = "198.51.100.1";
 pub const CLI_RAW: &str = "198.51.100.2";
+/// `--ipv6`: the same veth pairs' IPv6 addresses (the uplink's carry the
+/// tunnel's UDP, the raw pair's the raw IPv6 TCP).
+pub const SRV_UPLINK6: &str = "2001:db8:1::1";
+pub const CLI_UPLINK6: &str = "2001:db8:1::2";
+pub const SRV_RAW6: &str = "2001:db8:2::1";
+pub const CLI_RAW6: &str = "2001:db8:2::2";
 pub const SRV_TUN: &str = "198.18.0.1";
 pub const CLI_TUN: &str = "198.19.0.2";
 pub const DAEMON_PORT: u16 = 12345;
@@ -266,6 +272,9 @@ pub struct Topology {
     pub server: Option<Proc>,
     pub client: Option<Proc>,
     pub iperf: Option<Proc>,
+    /// The client reaches the server over the uplink's IPv6 addresses
+    /// (`--endpoint-v6`), set by [`Topology::restart_daemons`].
+    pub client_ipv6: bool,
     made_ns: Vec<String>,
 }
 
@@ -284,8 +293,9 @@ impl Drop for Topology {
 }
 
 impl Topology {
-    /// Build both namespaces, both veth pairs and both TUNs.
-    pub fn build(bin: &Path, tun_mtu: u32) -> Result<Topology> {
+    /// Build both namespaces, both veth pairs and both TUNs; with `ipv6`
+    /// the veths get IPv6 addresses too (`nodad`: usable at once).
+    pub fn build(bin: &Path, tun_mtu: u32, ipv6: bool) -> Result<Topology> {
         let id = std::process::id();
         let names = Names::new(id);
         let work = std::env::temp_dir().join(format!("uet-bench-{id}"));
@@ -297,6 +307,7 @@ impl Topology {
             server: None,
             client: None,
             iperf: None,
+            client_ipv6: false,
             made_ns: Vec::new(),
         };
         let n = &t.names;
@@ -332,6 +343,16 @@ impl Topology {
             sh("ip", &["-n", &srv, "link", "set", s, "up"])?;
             sh("ip", &["-n", &cli, "link", "set", c, "up"])?;
         }
+        if ipv6 {
+            for (ns, dev, addr) in [
+                (&srv, &n.up_s, SRV_UPLINK6),
+                (&cli, &n.up_c, CLI_UPLINK6),
+                (&srv, &n.raw_s, SRV_RAW6),
+                (&cli, &n.raw_c, CLI_RAW6),
+            ] {
+                sh("ip", &["-n", ns, "addr", "add", &format!("{addr}/64"), "dev", dev, "nodad"])?;
+            }
+        }
         let mtu = tun_mtu.to_string();
         for (ns, tun, addr) in [
             (&srv, &n.tun_s, format!("{SRV_TUN}/24")),
@@ -342,6 +363,12 @@ impl Topology {
                 &["-n", ns, "tuntap", "add", "dev", tun, "mode", "tun"],
             )?;
             sh("ip", &["-n", ns, "addr", "add", &addr, "dev", tun])?;
+            if ipv6 {
+                // No link-local address nor MLD reports into the tunnel
+                // (they would be counted as discard_not_tcp).
+                let key = format!("net.ipv6.conf.{tun}.disable_ipv6=1");
+                sh("ip", &["netns", "exec", ns, "sysctl", "-qw", &key])?;
+            }
             sh("ip", &["-n", ns, "link", "set", tun, "mtu", &mtu, "up"])?;
         }
         sh(
@@ -376,9 +403,10 @@ impl Topology {
 
     /// Stops both daemons (SIGTERM, by PID) and starts them again with
     /// other options; `tag` names their new log files.
-    pub fn restart_daemons(&mut self, xdp_mode: &str, busy_poll: u32, tag: &str) -> Result<()> {
+    pub fn restart_daemons(&mut self, xdp_mode: &str, busy_poll: u32, tag: &str, client_ipv6: bool) -> Result<()> {
         self.client.take();
         self.server.take();
+        self.client_ipv6 = client_ipv6;
         self.spawn_daemons(xdp_mode, busy_poll, tag)
     }
 
@@ -394,11 +422,17 @@ impl Topology {
             } else {
                 ("client", &n.cli, &n.tun_c, &n.up_c)
             };
-            let endpoint = ["--endpoint-port", port.as_str()];
+            let v6 = format!("{SRV_UPLINK}={SRV_UPLINK6}");
+            let endpoint = ["--endpoint-port", port.as_str(), "--endpoint-v6", v6.as_str()];
+            let n_endpoint = match (server, self.client_ipv6) {
+                (true, _) => 0,
+                (false, false) => 2,
+                (false, true) => 4,
+            };
             let mut cmd = self.nsenter(ns);
             cmd.arg(&self.bin)
                 .args(["--interface", tun, "--listen-port", &port, "--bind-to-interface", up])
-                .args(if server { &endpoint[..0] } else { &endpoint[..] })
+                .args(endpoint.get(..n_endpoint).unwrap_or_default())
                 .args(["--insecure-no-auth", "--xdp-mode", xdp_mode, "--busy-poll", &busy_poll]);
             println!(
                 "bench: ({role} ns) {}",
@@ -479,8 +513,8 @@ impl Topology {
         }
     }
 
-    /// `udp-encap-tun status`: the `counter NAME VALUE` lines as a map.
-    pub fn status(&self, server: bool) -> Result<BTreeMap<String, u64>> {
+    /// `udp-encap-tun status` as it prints it.
+    pub fn status_text(&self, server: bool) -> Result<String> {
         let (ns, tun) = if server {
             (&self.names.srv, &self.names.tun_s)
         } else {
@@ -488,7 +522,12 @@ impl Topology {
         };
         let mut cmd = self.nsenter(ns);
         cmd.arg(&self.bin).args(["status", "--interface", tun]);
-        let text = deps::output(&mut cmd)?;
+        deps::output(&mut cmd)
+    }
+
+    /// `udp-encap-tun status`: the `counter NAME VALUE` lines as a map.
+    pub fn status(&self, server: bool) -> Result<BTreeMap<String, u64>> {
+        let text = self.status_text(server)?;
         Ok(text
             .lines()
             .filter_map(|l| {
