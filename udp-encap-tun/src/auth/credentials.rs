@@ -50,7 +50,8 @@ const CLIENTS_HEADER: &str = "\
 # 32-byte secret (the secret itself is only in the client's credential file).
 # `udp-encap-tun credentials client` adds lines; to revoke a client delete its
 # line (or run `udp-encap-tun credentials revoke`). The server re-reads this
-# file when it changes and on SIGHUP.
+# file once a change has settled (half a second without a write, the writer
+# done) and on SIGHUP, so rewriting it in place is safe.
 ";
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
@@ -603,8 +604,9 @@ pub enum CredentialsAction {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Revoke a client: remove it from clients.txt. The server notices the
-    /// change at the client's next attempt (or at once with SIGHUP).
+    /// Revoke a client: remove it from clients.txt. A running server reads
+    /// the change within a second (at once with SIGHUP) and removes the
+    /// client's entries and XDP map entries then.
     Revoke {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_DIR)]
         dir: PathBuf,
@@ -669,8 +671,8 @@ pub fn run_credentials_command(args: &CredentialsArgs) -> anyhow::Result<()> {
                     dir.join(CLIENTS).display()
                 );
                 println!(
-                    "a running server refuses it from its next attempt (send SIGHUP to reload at once); \
-                     its current lease ends within --entry-timeout"
+                    "a running server removes its entries within a second and refuses its next \
+                     attempt (SIGHUP makes it reload at once)"
                 );
             } else {
                 anyhow::bail!(
