@@ -50,7 +50,8 @@ const CLIENTS_HEADER: &str = "\
 # 32-byte secret (the secret itself is only in the client's credential file).
 # `udp-encap-tun credentials client` adds lines; to revoke a client delete its
 # line (or run `udp-encap-tun credentials revoke`). The server re-reads this
-# file when it changes and on SIGHUP.
+# file once a change has settled (half a second without a write, the writer
+# done) and on SIGHUP, so rewriting it in place is safe.
 ";
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
