@@ -181,6 +181,9 @@ pub async fn serve(sock: StatusSocket, requests: mpsc::Sender<StatusRequest>) {
     }
 }
 
+/// How long `status` waits for the daemon's answer.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Client side: reads the status of the daemon serving `interface`. Refuses
 /// to print what a process that is not the daemon answers (a squatter), and
 /// turns the daemon's refusal into an error (a non-zero exit).
@@ -204,10 +207,21 @@ pub fn query(interface: &str) -> anyhow::Result<String> {
              claims the name once that process is gone); not showing what it says"
         );
     }
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // The daemon answers from its data-path loop; a loaded or emulated host
+    // can take seconds, so the bound is generous and its expiry is named.
+    s.set_read_timeout(Some(QUERY_TIMEOUT))?;
     s.flush()?;
     let mut out = String::new();
-    s.read_to_string(&mut out)?;
+    if let Err(e) = s.read_to_string(&mut out) {
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            anyhow::bail!(
+                "the daemon serving {interface} did not answer within {}s: it is stopped or \
+                 overloaded (check its log, and `top` for its CPU use)",
+                QUERY_TIMEOUT.as_secs()
+            );
+        }
+        return Err(anyhow::anyhow!("reading the status of {interface}: {e}"));
+    }
     if let Some(why) = out.strip_prefix("error: ") {
         anyhow::bail!("the daemon serving {interface} refused: {}", why.trim_end());
     }
