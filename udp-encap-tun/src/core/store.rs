@@ -26,9 +26,13 @@
 //!   is proportional to live and quarantined entries, never to the pool (a
 //!   /8 is 16M addresses).
 //! - Quarantine (decision 4): an address freed by an expired or removed entry
-//!   is not handed out again while another address is free, and then the
-//!   least recently freed first, so the server's stale TCP connections to it
-//!   are not delivered to a stranger.
+//!   is not handed out to another peer while another address is free, and
+//!   then the least recently freed first, so the server's stale TCP
+//!   connections to it are not delivered to a stranger. The peer that held
+//!   it in version 1 (where the (address, port) is the peer) gets it back
+//!   while it waits there ("the same peer gets the same address"): a peer
+//!   whose entry lapsed in a pause longer than the entry timeout keeps its
+//!   TCP connections.
 //! - Expiry: an entry is due at its deadline, `refreshed + timeout` (or the
 //!   shorter life [`ConnectionStore::reserve`] gives). A min-heap of
 //!   deadlines, with lazy updates, keeps `expire` and `next_expiry` cheap while
@@ -36,7 +40,7 @@
 //!   See [`ConnectionStore`] for the invariant.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -255,9 +259,12 @@ pub struct ConnectionStore {
     by_peer: HashMap<SocketAddr, PeerSlot>,
     heap: BinaryHeap<Item>,
     next_seq: u64,
-    /// Freed addresses, least recently freed first, and the same as a set.
+    /// Freed addresses, least recently freed first, and the same as a map
+    /// to the peer that held each (if it had one).
     quarantine: VecDeque<Ipv4Addr>,
-    quarantined: HashSet<Ipv4Addr>,
+    quarantined: HashMap<Ipv4Addr, Option<SocketAddr>>,
+    /// The reverse of `quarantined`'s peers: the address a peer left behind.
+    left_by: HashMap<SocketAddr, Ipv4Addr>,
 }
 
 impl ConnectionStore {
@@ -271,7 +278,8 @@ impl ConnectionStore {
             heap: BinaryHeap::new(),
             next_seq: 0,
             quarantine: VecDeque::new(),
-            quarantined: HashSet::new(),
+            quarantined: HashMap::new(),
+            left_by: HashMap::new(),
         }
     }
 
@@ -290,7 +298,16 @@ impl ConnectionStore {
             self.refresh(addr, now);
             return Ok(Upsert::Refreshed(addr));
         }
-        let addr = self.create(peer, now, self.timeout)?;
+        let addr = match self.left_by.get(&peer).copied() {
+            // Back for the address it left: in version 1 the (address,
+            // port) is the peer, so this is no stranger.
+            Some(a) if self.entries.len() < self.capacity() => {
+                self.unquarantine(a);
+                self.insert(Entry { addr: a, peer: None, refreshed: now, deadline: now.checked_add(self.timeout) });
+                a
+            }
+            _ => self.create(peer, now, self.timeout)?,
+        };
         self.by_peer.insert(peer, PeerSlot { addr, heard: now });
         if let Some(slot) = self.entries.get_mut(&addr) {
             slot.entry.peer = Some(peer);
@@ -300,13 +317,17 @@ impl ConnectionStore {
 
     /// Version 2: a new entry without a peer yet, living `life` unless
     /// refreshed (a session that must prove its UDP path soon). Its address
-    /// is picked from `seed`'s slot (the authentication's TCP source).
+    /// is picked from `seed`'s slot (the authentication's TCP source). An
+    /// address in quarantine is never given back here, even to the peer
+    /// that left it: in version 2 the peer is a credential, which the
+    /// (address, port) does not name (the session's own resume keeps its
+    /// address, decision 11).
     pub fn reserve(&mut self, seed: SocketAddr, now: Instant, life: Duration) -> Result<Ipv4Addr, PoolFull> {
         self.create(seed, now, life)
     }
 
     fn create(&mut self, seed: SocketAddr, now: Instant, life: Duration) -> Result<Ipv4Addr, PoolFull> {
-        if self.entries.len() >= usize::try_from(self.pool.capacity()).unwrap_or(usize::MAX) {
+        if self.entries.len() >= self.capacity() {
             return Err(PoolFull);
         }
         let addr = self.free_addr(seed).ok_or(PoolFull)?;
@@ -327,14 +348,16 @@ impl ConnectionStore {
         {
             return Err(RestoreError::PeerTaken(p));
         }
-        if self.quarantined.remove(&addr) {
-            self.quarantine.retain(|a| *a != addr);
-        }
+        self.unquarantine(addr);
         self.insert(Entry { addr, peer, refreshed, deadline: Some(deadline) });
         if let Some(p) = peer {
             self.by_peer.insert(p, PeerSlot { addr, heard: refreshed });
         }
         Ok(())
+    }
+
+    fn capacity(&self) -> usize {
+        usize::try_from(self.pool.capacity()).unwrap_or(usize::MAX)
     }
 
     fn insert(&mut self, entry: Entry) {
@@ -439,7 +462,7 @@ impl ConnectionStore {
         if let Some(p) = slot.entry.peer {
             self.by_peer.remove(&p);
         }
-        self.free(addr);
+        self.free(addr, slot.entry.peer);
         // Its heap item is garbage now; drop it if it is on top, and rebuild
         // when garbage outweighs live items so the heap stays O(entries).
         self.settle();
@@ -475,7 +498,7 @@ impl ConnectionStore {
                     if let Some(p) = slot.entry.peer {
                         self.by_peer.remove(&p);
                     }
-                    self.free(addr);
+                    self.free(addr, slot.entry.peer);
                     expired.push(slot.entry);
                 }
                 // Refreshed since the item was recorded: put it back at its
@@ -524,23 +547,48 @@ impl ConnectionStore {
     pub fn restore_quarantine(&mut self, addrs: impl IntoIterator<Item = Ipv4Addr>) {
         for a in addrs {
             if self.pool.contains(a) && !self.entries.contains_key(&a) {
-                self.free(a);
+                self.free(a, None);
             }
         }
     }
 
-    fn free(&mut self, addr: Ipv4Addr) {
-        if self.quarantined.insert(addr) {
-            self.quarantine.push_back(addr);
-        } else {
-            // Freed again: it moves to the back (most recently freed).
-            self.quarantine.retain(|a| *a != addr);
-            self.quarantine.push_back(addr);
+    /// Puts `addr`, just freed by `peer`'s entry, at the back of the
+    /// quarantine (most recently freed), remembering who left it.
+    fn free(&mut self, addr: Ipv4Addr, peer: Option<SocketAddr>) {
+        self.unquarantine(addr);
+        self.quarantine.push_back(addr);
+        self.quarantined.insert(addr, peer);
+        if let Some(p) = peer
+            && let Some(older) = self.left_by.insert(p, addr)
+        {
+            // The peer left another address before: that one now waits for
+            // anyone (the peer is back at `addr`'s, if it returns).
+            if let Some(owner) = self.quarantined.get_mut(&older) {
+                *owner = None;
+            }
         }
         while self.quarantine.len() > QUARANTINE_MAX {
             if let Some(old) = self.quarantine.pop_front() {
-                self.quarantined.remove(&old);
+                self.forget_quarantined(old);
             }
+        }
+    }
+
+    /// Takes `addr` out of the quarantine, if it is there.
+    fn unquarantine(&mut self, addr: Ipv4Addr) {
+        if self.quarantined.contains_key(&addr) {
+            self.quarantine.retain(|a| *a != addr);
+            self.forget_quarantined(addr);
+        }
+    }
+
+    /// Drops `addr` from the map and the peer index (the deque is the
+    /// caller's).
+    fn forget_quarantined(&mut self, addr: Ipv4Addr) {
+        if let Some(Some(p)) = self.quarantined.remove(&addr)
+            && self.left_by.get(&p) == Some(&addr)
+        {
+            self.left_by.remove(&p);
         }
     }
 
@@ -587,12 +635,12 @@ impl ConnectionStore {
         for i in 0..bound {
             // start < span <= 2^32 and i < 2^32: no overflow in u64.
             let a = Ipv4Addr::from(self.pool.at(start + i));
-            if !self.pool.is_excluded(u32::from(a)) && !self.entries.contains_key(&a) && !self.quarantined.contains(&a) {
+            if !self.pool.is_excluded(u32::from(a)) && !self.entries.contains_key(&a) && !self.quarantined.contains_key(&a) {
                 return Some(a);
             }
         }
         let a = self.quarantine.pop_front()?;
-        self.quarantined.remove(&a);
+        self.forget_quarantined(a);
         Some(a)
     }
 
@@ -666,9 +714,14 @@ mod tests {
             }
             assert_eq!(s.by_addr(e.addr), e.peer);
             assert!(s.pool().contains(e.addr), "{} not in pool", e.addr);
-            assert!(!s.quarantined.contains(&e.addr), "{} live and quarantined", e.addr);
+            assert!(!s.quarantined.contains_key(&e.addr), "{} live and quarantined", e.addr);
         }
         assert_eq!(s.quarantine.len(), s.quarantined.len());
+        for (p, a) in &s.left_by {
+            assert_eq!(s.quarantined.get(a), Some(&Some(*p)), "left_by {p} -> {a} not in quarantine");
+        }
+        let owned = s.quarantined.values().filter(|o| o.is_some()).count();
+        assert_eq!(owned, s.left_by.len(), "every owned quarantined address is indexed");
         let min = s.entries().filter_map(|e| e.deadline).min();
         assert_eq!(s.next_expiry(), min);
     }
@@ -819,6 +872,25 @@ mod tests {
     }
 
     #[test]
+    fn a_lapsed_v1_peer_gets_its_address_back_a_v2_reservation_never() {
+        let mut s = store("192.0.2.0", 24, &[]);
+        let base = Instant::now();
+        let (p, q) = (peer(1), peer(2));
+        let a = s.upsert(p, base).unwrap().addr();
+        let b = s.upsert(q, base).unwrap().addr();
+        let mut gone = Vec::new();
+        s.expire(base + Duration::from_secs(301), &mut gone);
+        assert_eq!(gone.len(), 2);
+        // q comes back through version 2's reservation: a fresh address.
+        let r = s.reserve(q, base + Duration::from_secs(302), Duration::from_secs(10)).unwrap();
+        assert!(r != a && r != b, "reserve handed out a quarantined address: {r}");
+        // p, back in version 1 after the lapse: the address it had.
+        assert_eq!(s.upsert(p, base + Duration::from_secs(302)).unwrap().addr(), a);
+        assert_eq!(s.quarantine().collect::<Vec<_>>(), vec![b]);
+        check(&s);
+    }
+
+    #[test]
     fn same_start_slot_probes_to_the_next_free_address() {
         let mut s = store("192.0.2.0", 24, &[]);
         // Find two peers with the same start slot (birthday: quick in 254 slots).
@@ -843,11 +915,21 @@ mod tests {
         };
         assert_eq!(a2, next);
         check(&s);
-        // After it leaves, its address waits in quarantine: the same peer
-        // coming back gets the next free one, not a1 (which another peer's
-        // stale connections may still name).
+        // After it leaves, its address waits in quarantine: another peer
+        // whose slot it is gets the next free one, not a1 (the server's
+        // stale connections may still name it) ...
         s.remove_peer(p1).unwrap();
-        assert_ne!(s.upsert(p1, base).unwrap().addr(), a1);
+        check(&s);
+        let p3 = (0..10_000u32)
+            .map(peer)
+            .find(|p| *p != p1 && *p != p2 && s.start_offset(*p) == start)
+            .expect("another peer with a1's slot");
+        let a3 = s.upsert(p3, base).unwrap().addr();
+        assert_ne!(a3, a1);
+        assert_ne!(a3, a2);
+        // ... while p1, back, gets a1 again: its own connections live on.
+        assert_eq!(s.upsert(p1, base).unwrap().addr(), a1);
+        check(&s);
     }
 
     #[test]
@@ -993,7 +1075,7 @@ mod tests {
             s.remove(a).unwrap();
         }
         assert_eq!(s.quarantine().count(), QUARANTINE_MAX);
-        assert!(!s.quarantined.contains(&first), "the oldest left the quarantine");
+        assert!(!s.quarantined.contains_key(&first), "the oldest left the quarantine");
         check(&s);
         // A new run takes over the list; addresses outside the pool are dropped.
         let list: Vec<_> = s.quarantine().take(3).collect();
