@@ -40,7 +40,7 @@ const NOBODY: &str = "65534";
 // ---------------------------------------------------------------- credentials
 
 fn bin(args: &[&str]) -> String {
-    run_cmd(Command::new(BIN).args(args))
+    run_cmd(Command::new(*BIN).args(args))
 }
 
 /// A server credential directory (certificate, key, client list).
@@ -349,7 +349,7 @@ fn run_as_nobody(ns: &Netns, argv: &[&str]) -> std::process::Output {
 }
 
 fn status_cmd(ns: &Netns, tun: &str) -> std::process::Output {
-    ns.cmd(BIN).args(["status", "--interface", tun]).stdin(Stdio::null()).output().unwrap()
+    ns.cmd(*BIN).args(["status", "--interface", tun]).stdin(Stdio::null()).output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -880,7 +880,7 @@ fn the_status_socket_refuses_an_unprivileged_user() {
     let s = &topo.server;
     let tun = s.add_server_tun();
     let server = spawn_server(s, &tun, PORT, "hperm-server", None, &[]);
-    let out = run_as_nobody(&s.ns, &[BIN, "status", "--interface", &tun]);
+    let out = run_as_nobody(&s.ns, &[*BIN, "status", "--interface", &tun]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(!out.status.success(), "status as uid 65534 exited 0:\n{stdout}{stderr}");
     assert!(stderr.contains("only root or the daemon's user"), "{stderr}");
@@ -1057,7 +1057,7 @@ fn the_status_accept_loop_backs_off_at_emfile() {
     run_cmd(Command::new("prlimit").arg(format!("--pid={pid}")).arg(format!("--nofile={limit}:")));
     let before = server.log_text().lines().count();
     // A status query that cannot be accepted: it waits in the backlog.
-    let waiting = s.ns.cmd(BIN).args(["status", "--interface", &tun]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let waiting = s.ns.cmd(*BIN).args(["status", "--interface", &tun]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let mut waiting = Guard(waiting);
     thread::sleep(Duration::from_millis(300));
     let cpu0 = cpu_seconds(pid);

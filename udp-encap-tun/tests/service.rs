@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 const PORT: u16 = 40120;
 
 fn bin(args: &[&str]) -> String {
-    run_cmd(Command::new(BIN).args(args))
+    run_cmd(Command::new(*BIN).args(args))
 }
 
 /// `credentials server` in `art/etc`, plus one client credential `alice`.
@@ -69,7 +69,7 @@ fn client_toml(cred: &Path, uplink: &str, server: Ipv4Addr) -> String {
 }
 
 fn status_json(ns: &Netns, tun: &str) -> serde_json::Value {
-    let out = ns.run(&[BIN, "status", "--interface", tun, "--json"]);
+    let out = ns.run(&[*BIN, "status", "--interface", tun, "--json"]);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}"))
 }
 
@@ -148,7 +148,7 @@ fn a_bad_config_file_names_the_file_the_line_and_the_key() {
         ("entry-timeout = \"soon\"\n", 1, "entry-timeout", "not a duration"),
     ] {
         let path = write(&art.file("bad.toml"), text);
-        let out = Command::new(BIN).args(["--config", &path]).stdin(Stdio::null()).output().unwrap();
+        let out = Command::new(*BIN).args(["--config", &path]).stdin(Stdio::null()).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text:?}: {err}");
         let want = format!("config file {path} line {line}, key `{key}`");
@@ -157,7 +157,7 @@ fn a_bad_config_file_names_the_file_the_line_and_the_key() {
     }
     // A combination clap refuses says which options came from the file.
     let path = write(&art.file("both.toml"), "interface = \"t\"\nlisten-port = 1\nbind-to-interface = \"e\"\ncert = \"/c\"\n");
-    let out = Command::new(BIN).args(["--config", &path, "--insecure-no-auth"]).output().unwrap();
+    let out = Command::new(*BIN).args(["--config", &path, "--insecure-no-auth"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("cannot be used with") && err.contains(&format!("(from {path}:")), "{err}");
@@ -196,7 +196,7 @@ fn ready_only_when_up_and_stopping_on_sigterm() {
     );
     let log = std::fs::File::create(art.file("daemon.log")).unwrap();
     let mut child = Proc(
-        s.ns.cmd(BIN)
+        s.ns.cmd(*BIN)
             .args(["--config", &conf])
             .env("NOTIFY_SOCKET", &sock_path)
             .stdin(Stdio::null())
@@ -216,7 +216,7 @@ fn ready_only_when_up_and_stopping_on_sigterm() {
     assert!(first.lines().any(|l| l == "READY=1"), "first notification is not READY=1: {first:?}");
     assert!(first.contains("STATUS=server on tun0"), "{first:?}");
     // Ready means up: the TUN, the status socket and the gate answer at once.
-    let st = s.ns.run(&[BIN, "status", "--interface", "tun0"]);
+    let st = s.ns.run(&[*BIN, "status", "--interface", "tun0"]);
     assert!(st.contains("interface tun0 198.18.0.1/24"), "{st}");
     assert!(st.contains("xdp generic pins "), "the gate is not up at READY=1: {st}");
     // SIGHUP (ExecReload) is announced too, then ready again.

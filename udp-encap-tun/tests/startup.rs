@@ -30,7 +30,7 @@ const PIN_ROOT: &str = "/sys/fs/bpf/udp-encap-tun";
 fn server_creds(art: &ArtifactDir) -> Vec<String> {
     let dir = art.file("creds");
     let d = dir.to_str().unwrap().to_string();
-    run_cmd(Command::new(BIN).args(["credentials", "server", "--dir", &d]));
+    run_cmd(Command::new(*BIN).args(["credentials", "server", "--dir", &d]));
     ["--cert", "server.crt", "--key", "server.key", "--clients", "clients.txt"]
         .chunks(2)
         .flat_map(|kv| [kv[0].to_string(), dir.join(kv[1]).to_str().unwrap().to_string()])

@@ -289,8 +289,8 @@ impl Creds {
     fn new(tag: &str) -> Creds {
         let dir = ArtifactDir::new(tag);
         let d = dir.path().to_str().expect("utf-8 path").to_string();
-        run_cmd(Command::new(BIN).args(["credentials", "server", "--dir", &d]));
-        run_cmd(Command::new(BIN).args(["credentials", "client", "--dir", &d, "--name", "alice"]));
+        run_cmd(Command::new(*BIN).args(["credentials", "server", "--dir", &d]));
+        run_cmd(Command::new(*BIN).args(["credentials", "client", "--dir", &d, "--name", "alice"]));
         Creds { dir }
     }
     fn server(&self) -> Vec<String> {

@@ -3,8 +3,10 @@
 //! The integration test binaries of `udp-encap-tun` are built on the host and
 //! run, as they are, inside a Debian cloud kernel booted by virtme-ng (qemu
 //! over a read-only view of this machine's filesystem, VM-TESTING.md). One
-//! run per kernel; each reports PASS/FAIL with the test counts, and keeps the
-//! guest's output in `target/vm-test/<kernel>/`:
+//! run per kernel, all kernels at once (their lines prefixed `[6.1]`, ...);
+//! the daemon they start is the release build (`UDP_ENCAP_TUN_TEST_BIN`).
+//! Each reports PASS/FAIL with the test counts, and keeps the guest's output
+//! in `target/vm-test/<kernel>/`:
 //!
 //! - `stdout.txt`, `stderr.txt`: what the guest printed (setup, the kernel
 //!   feature probe, the test binaries' output);
@@ -154,10 +156,28 @@ pub fn run(args: &VmTestArgs) -> Result<String> {
         .map(|s| ensure_kernel(s))
         .collect::<Result<Vec<_>>>()?;
     let binaries = build_test_binaries(&args.tests)?;
+    let daemon = build_release_daemon()?;
+    // The kernels boot side by side: a guest spends much of its time
+    // waiting (lease lapses, expiry, restarts), so two share the host's
+    // CPUs with little loss, and the step takes about as long as its
+    // slowest kernel instead of the sum. Each prints with its own prefix.
+    let runs: Vec<Result<KernelRun>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = kernels
+            .iter()
+            .map(|k| {
+                let (tools, binaries, daemon) = (&tools, &binaries, &daemon);
+                scope.spawn(move || boot_and_test(tools, k, binaries, daemon, args))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a VM run panicked"))))
+            .collect()
+    });
     let mut lines = Vec::new();
     let mut failed = Vec::new();
-    for k in &kernels {
-        let r = boot_and_test(&tools, k, &binaries, args)?;
+    for (k, r) in kernels.iter().zip(runs) {
+        let r = r.with_context(|| format!("running the tests under {}", k.series))?;
         println!("\n{}\n", r.line());
         if !r.passed() {
             failed.push(k.series.clone());
@@ -401,6 +421,21 @@ fn build_test_binaries(only: &[String]) -> Result<Vec<TestBinary>> {
     Ok(bins)
 }
 
+/// The release daemon (`cargo build --release`, as `package` and `demo`
+/// build it, so in `ci` nothing is compiled here): the tests run it in the
+/// guest through `UDP_ENCAP_TUN_TEST_BIN`. Under software emulation the
+/// debug build takes seconds to load and relocate the XDP program at each
+/// start, and the tests start dozens of daemons.
+fn build_release_daemon() -> Result<PathBuf> {
+    let root = crate::workspace_root();
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.args(["build", "--release", "--locked", "-p", "udp-encap-tun", "--bin", "udp-encap-tun"])
+        .current_dir(&root);
+    deps::run(&mut c).context("building the release daemon for the guest failed")?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/udp-encap-tun"))
+}
+
 /// The first string value of `"key":"..."` in one line of cargo's JSON.
 /// (Paths and target names carry no escapes; a value with one is refused.)
 fn json_str(line: &str, key: &str) -> Option<String> {
@@ -476,7 +511,7 @@ impl KernelRun {
     }
 }
 
-fn boot_and_test(tools: &Tools, k: &Kernel, bins: &[TestBinary], args: &VmTestArgs) -> Result<KernelRun> {
+fn boot_and_test(tools: &Tools, k: &Kernel, bins: &[TestBinary], daemon: &Path, args: &VmTestArgs) -> Result<KernelRun> {
     let out_dir = crate::workspace_root().join("target/vm-test").join(&k.series);
     if out_dir.exists() {
         fs::remove_dir_all(&out_dir).with_context(|| format!("clearing {}", out_dir.display()))?;
@@ -493,7 +528,7 @@ fn boot_and_test(tools: &Tools, k: &Kernel, bins: &[TestBinary], args: &VmTestAr
         .context("test binary path is not <target>/<profile>/deps/NAME")?;
     fs::create_dir_all(&target_tmp)?;
     let threads = args.test_threads.unwrap_or(args.cpus.max(1));
-    let script = guest_script(&out_dir, &target_tmp, bins, threads, &args.filters, &args.skips);
+    let script = guest_script(&out_dir, &target_tmp, bins, daemon, threads, &args.filters, &args.skips);
     fs::write(out_dir.join("guest.sh"), script)?;
     fs::write(out_dir.join("probe.py"), PROBE_PY)?;
 
@@ -646,6 +681,7 @@ fn guest_script(
     out: &Path,
     target_tmp: &Path,
     bins: &[TestBinary],
+    daemon: &Path,
     threads: u32,
     filters: &[String],
     skips: &[String],
@@ -665,11 +701,13 @@ ip link set lo up
 # The tests write their artifacts to CARGO_TARGET_TMPDIR (read-only here).
 mount --bind "$OUT/cargo-tmp" {target_tmp} || echo "vm-test: cannot bind $OUT/cargo-tmp on {target_tmp}"
 export TMPDIR="$OUT/tmp"
+export UDP_ENCAP_TUN_TEST_BIN={daemon}
 command -v python3 >/dev/null && python3 "$OUT/probe.py"
 rc=0
 "#,
         out = q(out),
         target_tmp = q(target_tmp),
+        daemon = q(daemon),
     );
     let filter: String = filters
         .iter()

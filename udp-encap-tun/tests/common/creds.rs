@@ -8,7 +8,7 @@ use super::{ArtifactDir, BIN, run_cmd};
 
 /// `udp-encap-tun ARGS` on the host (the credential commands touch only files).
 pub fn bin(args: &[&str]) -> String {
-    run_cmd(Command::new(BIN).args(args))
+    run_cmd(Command::new(*BIN).args(args))
 }
 
 /// A server credential directory: certificate, key, client list.

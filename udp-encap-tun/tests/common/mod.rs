@@ -40,8 +40,16 @@ use sha2::{Digest, Sha256};
 
 // ---------------------------------------------------------------- basics
 
-/// Path of the daemon binary cargo built for these tests.
-pub const BIN: &str = env!("CARGO_BIN_EXE_udp-encap-tun");
+/// The daemon under test: the binary cargo built for these tests, unless
+/// `UDP_ENCAP_TUN_TEST_BIN` names another build of it (`cargo xtask vm-test`
+/// runs the release build under software emulation, where the debug one
+/// spends seconds loading the XDP program that the tests then wait for).
+pub static BIN: std::sync::LazyLock<&'static str> = std::sync::LazyLock::new(|| {
+    match std::env::var("UDP_ENCAP_TUN_TEST_BIN") {
+        Ok(p) if !p.is_empty() => Box::leak(p.into_boxed_str()),
+        _ => env!("CARGO_BIN_EXE_udp-encap-tun"),
+    }
+});
 
 /// Server TUN address (pool = 198.18.0.0/24 minus .0, .255, .1).
 pub const SERVER_TUN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -684,10 +692,10 @@ impl Daemon {
             .map_or("tun0", |w| w[1])
             .to_string();
         let mut cmd = match wrapper.split_first() {
-            None => ns.cmd(BIN),
+            None => ns.cmd(*BIN),
             Some((w, rest)) => {
                 let mut c = ns.cmd(w);
-                c.args(rest).arg(BIN);
+                c.args(rest).arg(*BIN);
                 c
             }
         };
@@ -773,7 +781,7 @@ impl Daemon {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", self.ns_path.display()))
             .arg("--")
-            .arg(BIN)
+            .arg(*BIN)
             .args(["status", "--interface", &self.interface])
             .stdin(Stdio::null())
             .output()
