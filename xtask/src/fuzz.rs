@@ -1,6 +1,7 @@
-//! `cargo xtask fuzz [--seconds N] [TARGET]`: run the fuzz targets of
-//! `fuzz/` (cargo-fuzz, libFuzzer) for N seconds each, starting from the
-//! committed seeds in `fuzz/seeds/<target>`.
+//! `cargo xtask fuzz [--seconds N] [--runs R] [TARGET]`: run the fuzz
+//! targets of `fuzz/` (cargo-fuzz, libFuzzer) for N seconds each (or R
+//! executions, whichever ends first), starting from the committed seeds in
+//! `fuzz/seeds/<target>`.
 //!
 //! cargo-fuzz is installed from crates.io if missing; it needs the nightly
 //! toolchain. New corpus entries go to `fuzz/corpus/<target>` and crashing
@@ -30,7 +31,7 @@ struct Outcome {
     artifacts: Vec<PathBuf>,
 }
 
-pub fn fuzz(seconds: u64, target: Option<String>) -> Result<()> {
+pub fn fuzz(seconds: u64, runs: Option<u64>, target: Option<String>) -> Result<()> {
     let root = crate::workspace_root();
     let dir = root.join("fuzz");
     ensure_cargo_fuzz()?;
@@ -55,10 +56,13 @@ pub fn fuzz(seconds: u64, target: Option<String>) -> Result<()> {
 
     let mut outcomes = Vec::new();
     for t in &targets {
-        outcomes.push(run_target(&dir, t, seconds, ebpf_obj.as_deref())?);
+        outcomes.push(run_target(&dir, t, seconds, runs, ebpf_obj.as_deref())?);
     }
 
-    eprintln!("\n== fuzz summary ({seconds} s per target)");
+    match runs {
+        Some(n) => eprintln!("\n== fuzz summary ({n} executions or {seconds} s per target)"),
+        None => eprintln!("\n== fuzz summary ({seconds} s per target)"),
+    }
     for o in &outcomes {
         eprintln!(
             "{:<16} {:<6} execs: {:<10} last: {}",
@@ -102,7 +106,7 @@ pub fn fuzz(seconds: u64, target: Option<String>) -> Result<()> {
     )
 }
 
-fn run_target(dir: &Path, target: &str, seconds: u64, ebpf_obj: Option<&Path>) -> Result<Outcome> {
+fn run_target(dir: &Path, target: &str, seconds: u64, runs: Option<u64>, ebpf_obj: Option<&Path>) -> Result<Outcome> {
     let corpus = dir.join("corpus").join(target);
     let seeds = dir.join("seeds").join(target);
     let artifacts = dir.join("artifacts").join(target);
@@ -122,6 +126,9 @@ fn run_target(dir: &Path, target: &str, seconds: u64, ebpf_obj: Option<&Path>) -
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg("-print_final_stats=1");
+    if let Some(n) = runs {
+        cmd.arg(format!("-runs={n}"));
+    }
     if let Some(obj) = ebpf_obj {
         cmd.env(EBPF_OBJ_ENV, obj);
     }

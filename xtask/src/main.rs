@@ -27,9 +27,13 @@ enum Command {
     BuildEbpf,
     /// Run the fuzz targets (fuzz/, cargo-fuzz on nightly) from the committed seeds; fails on a crash.
     Fuzz {
-        /// Seconds per target.
+        /// Seconds per target (the most a target runs).
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+        /// Stop a target after this many executions (libFuzzer's -runs),
+        /// whichever of this and --seconds comes first.
+        #[arg(long)]
+        runs: Option<u64>,
         /// One target (default: all of them).
         target: Option<String>,
     },
@@ -60,7 +64,7 @@ pub fn workspace_root() -> std::path::PathBuf {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf => ebpf::build_ebpf().map(|_| ()),
-        Command::Fuzz { seconds, target } => fuzz::fuzz(seconds, target),
+        Command::Fuzz { seconds, runs, target } => fuzz::fuzz(seconds, runs, target),
         Command::Deps => deps::deps(),
         Command::Test(args) => ci::test(&args),
         Command::Ci(args) => ci::ci(&args),
