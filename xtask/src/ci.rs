@@ -111,7 +111,8 @@ pub fn ci(args: &CiArgs) -> Result<()> {
     if !args.no_vm {
         if summary.ok() {
             let vm_args = crate::vm::VmTestArgs {
-                tests: ["xdp_prog", "xdp_netns", "harness_selftest"].map(String::from).to_vec(),
+                tests: VM_TESTS.map(String::from).to_vec(),
+                skips: VM_SKIPS.map(String::from).to_vec(),
                 ..Default::default()
             };
             summary.step("vm", || crate::vm::run(&vm_args));
@@ -121,6 +122,23 @@ pub fn ci(args: &CiArgs) -> Result<()> {
     }
     finish("ci", &summary, t0.elapsed())
 }
+
+/// The test binaries CI runs under the VM kernels: what differs between
+/// kernels is the eBPF verifier, XDP and TC attach (netlink or TCX), generic
+/// XDP's view of VLAN tags, `bpf_fib_lookup`, pins on bpffs per namespace.
+/// `xdp_prog` covers the program and its attach on crafted frames,
+/// `xdp_netns` the gate under the real daemon.
+const VM_TESTS: [&str; 2] = ["xdp_prog", "xdp_netns"];
+/// `xdp_netns` tests left to the host kernel: the map mirroring the store
+/// through expiry is the daemon's bookkeeping, and two instances apart by
+/// namespace is what `xdp_prog`'s `pins_are_per_namespace_and_go_away_on_drop`
+/// checks under each kernel; under software emulation each costs some 100 s
+/// of a 2-CPU guest (CI's VM step had grown to 14 minutes). The harness's own
+/// checks (`harness_selftest`) stay on the host for the same reason.
+const VM_SKIPS: [&str; 2] = [
+    "map_holds_exactly_the_live_peers_and_none_after_expiry",
+    "same_uplink_name_and_port_in_two_namespaces_stay_apart",
+];
 
 const STEPS: [&str; 5] = ["ebpf", "build", "package", "tests", "clippy"];
 

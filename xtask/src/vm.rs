@@ -20,11 +20,11 @@
 //! - `dmesg.txt`: the guest kernel's log.
 //!
 //! What is installed, and where (all idempotent, see [`ensure_vm_tools`] and
-//! [`ensure_kernel`]): apt packages ([`APT_PACKAGES`]); a venv with
-//! virtme-ng 1.42 in `.tools/vm/venv`; virtiofsd 1.14.0 (the Debian cloud
-//! kernels have no 9p) in `.tools/vm/bin`; the kernels, unpacked from the
-//! Debian image package with `dpkg -x`, in `.tools/kernels/<version>/`.
-//! `.tools/` is gitignored.
+//! [`ensure_kernel`]), under the tools directory ([`tools_dir`]:
+//! `~/.cache/udp-encap-tun` by default): apt packages ([`APT_PACKAGES`]); a
+//! venv with virtme-ng 1.42 in `vm/venv`; virtiofsd 1.14.0 (the Debian cloud
+//! kernels have no 9p) in `vm/bin`; the kernels, unpacked from the Debian
+//! image package with `dpkg -x`, in `kernels/<version>/`.
 //!
 //! Software emulation (`--disable-kvm`) is the default: the `/dev/kvm` of
 //! these machines cannot boot the kernels. `--kvm` switches it on where it
@@ -70,7 +70,7 @@ pub struct Tools {
     pub path: OsString,
 }
 
-/// A Debian kernel unpacked under `.tools/kernels/<version>/`.
+/// A Debian kernel unpacked under `<tools>/kernels/<version>/` ([`tools_dir`]).
 pub struct Kernel {
     /// What the user asked for: `6.1`.
     pub series: String,
@@ -192,8 +192,18 @@ pub fn run(args: &VmTestArgs) -> Result<String> {
 
 // ---- tools ----
 
+/// Where the VM tools and kernels live: `UDP_ENCAP_TUN_TOOLS` if set, else
+/// `~/.cache/udp-encap-tun` (outside the clone, so a fresh clone on the same
+/// machine does not build virtiofsd again: some 3 minutes on 2 cores), else
+/// the workspace's gitignored `.tools/`.
 fn tools_dir() -> PathBuf {
-    crate::workspace_root().join(".tools")
+    if let Some(d) = std::env::var_os("UDP_ENCAP_TUN_TOOLS").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".cache/udp-encap-tun"),
+        None => crate::workspace_root().join(".tools"),
+    }
 }
 
 /// Install what VM runs need and is missing: [`APT_PACKAGES`], virtme-ng in
