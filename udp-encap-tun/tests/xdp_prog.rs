@@ -359,46 +359,6 @@ fn expect(gate: &XdpGate, what: &str, frame: &[u8], verdict: u32, reason: &str) 
     assert!(after.contains_key(reason), "no counter named {reason}");
 }
 
-/// `bpftool map dump pinned PATH` as (key bytes, value bytes) entries.
-/// bpftool prints short entries on one line (`key: .. value: ..`) and long
-/// ones over several, 16 bytes a line: the hex tokens are read either way.
-fn bpftool_dump(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let out = Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .expect("run bpftool");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "bpftool map dump {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let mut in_value = false;
-    let mut found = None;
-    let mut tokens = text.split_whitespace();
-    while let Some(t) = tokens.next() {
-        match t {
-            "key:" => {
-                entries.push((Vec::new(), Vec::new()));
-                in_value = false;
-            }
-            "value:" => in_value = true,
-            "Found" => found = tokens.next().and_then(|n| n.parse::<usize>().ok()),
-            "element" | "elements" => {}
-            hex => {
-                let b = u8::from_str_radix(hex, 16)
-                    .unwrap_or_else(|_| panic!("unexpected token `{hex}` in:\n{text}"));
-                let e = entries.last_mut().expect("bytes before any key");
-                if in_value { e.1.push(b) } else { e.0.push(b) }
-            }
-        }
-    }
-    assert_eq!(found, Some(entries.len()), "bpftool's count:\n{text}");
-    entries
-}
 
 fn netns_inode(ns: &Netns) -> u64 {
     fs::metadata(ns.path()).expect("stat netns").ino()
@@ -1885,7 +1845,7 @@ fn pins_are_per_namespace_and_go_away_on_drop() {
                     String::from_utf8_lossy(&out.stdout)
                 );
             }
-            let mut peers = bpftool_dump(&dir.join(PIN_PEERS));
+            let mut peers = common::bpf::map_dump(&dir.join(PIN_PEERS));
             peers.sort();
             // 198.51.100.7:51000 = ::ffff:c633:6407, c7 38;
             // [2001:db8:100::7]:51000.
@@ -1906,7 +1866,7 @@ fn pins_are_per_namespace_and_go_away_on_drop() {
                 "bpftool's view of the peers map"
             );
             assert_eq!(
-                bpftool_dump(&dir.join(PIN_SESSIONS)),
+                common::bpf::map_dump(&dir.join(PIN_SESSIONS)),
                 vec![(SESSION.to_vec(), vec![1, 0, 0, 0])],
                 "bpftool's view of the sessions map"
             );
