@@ -198,11 +198,11 @@ run ip -n "$SRV" link set "$S_UP" up
 run ip -n "$CLI" addr add 192.0.2.2/24 dev "$C_UP"
 run ip -n "$CLI" link set "$C_UP" up
 note "server TUN: the network of the addresses given to clients"
-run ip -n "$SRV" tuntap add dev "$S_TUN" mode tun
+run ip -n "$SRV" tuntap add dev "$S_TUN" mode tun user root
 run ip -n "$SRV" addr add 198.18.0.1/24 dev "$S_TUN"
 run ip -n "$SRV" link set "$S_TUN" mtu 1400 up
 note "client TUN, and the route that sends TCP for the server into it"
-run ip -n "$CLI" tuntap add dev "$C_TUN" mode tun
+run ip -n "$CLI" tuntap add dev "$C_TUN" mode tun user root
 run ip -n "$CLI" addr add 198.19.0.2/32 dev "$C_TUN"
 run ip -n "$CLI" link set "$C_TUN" mtu 1400 up
 run ip -n "$CLI" route add 192.0.2.1/32 dev "$C_TUN" src 198.19.0.2

@@ -180,7 +180,7 @@ fn start_up_errors_say_what_is_wrong_and_leave_nothing_behind() {
     drop(holder);
 
     // No privilege: an ordinary user (nobody). A TUN made without an owner
-    // (as the README makes it) opens for anyone who may open /dev/net/tun,
+    // (`ip tuntap add` without `user`) opens for anyone who may open /dev/net/tun,
     // and --xdp-mode auto goes on without the gate (a warning), so what
     // stops such a user depends on where the privilege is missing. Debian's
     // udev makes /dev/net/tun 0666, but a host without udev (a container, a
@@ -198,7 +198,8 @@ fn start_up_errors_say_what_is_wrong_and_leave_nothing_behind() {
         "mount -t tmpfs -o mode=755 uet-devnet /dev/net && mknod -m 666 /dev/net/tun c 10 200 \
          && exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$0\" \"$@\"",
     ];
-    // a TUN owned by root;
+    // a TUN owned by root (`user root`, as the README makes it): refused
+    // although the device node opens;
     h.ns.ip(&["tuntap", "add", "dev", "tunroot", "mode", "tun", "user", "0"]);
     h.ns.addr_add("tunroot", "198.18.2.1/24");
     h.ns.ip(&["link", "set", "tunroot", "up"]);
