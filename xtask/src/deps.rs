@@ -74,9 +74,9 @@ pub fn ensure() -> Result<()> {
 }
 
 /// Keeps the packages' services from starting while they install: tayga's
-/// would make a `nat64` device with 192.168.255.1 and NAT44 on this host
-/// (its /etc/tayga.conf), prometheus's would listen on port 9090; the tests
-/// run their own copies inside namespaces. A `policy-rc.d` answering 101
+/// would make a `nat64` device with the private address and the NAT44 of
+/// its default /etc/tayga.conf on this host, prometheus's would listen on
+/// port 9090; the tests run their own copies inside namespaces. A `policy-rc.d` answering 101
 /// ("action forbidden") for the length of the install, as Debian's
 /// invoke-rc.d and deb-systemd-invoke honour it; removed on drop. Where one
 /// exists already (containers have one), it is left alone.
